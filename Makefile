@@ -1,0 +1,29 @@
+# kdnb: two commands do everything on a fresh machine.
+#   make demo   runs the main job (papermill) into runs/demo/ and prints a results table
+#   make test   export/clean checks, nbdev_test over the notebooks, then pytest
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEVICE ?= auto
+DEMO_ARGS ?=
+
+.PHONY: setup demo test export clean-nbs bench help
+
+help:
+	@echo "make demo [DEVICE=cuda]  - run the main experiment into runs/demo/"
+	@echo "make test                - the full test suite (what CI runs)"
+	@echo "make export / clean-nbs  - nbdev_export / nbdev_clean"
+
+setup:
+	@bash tools/setup_env.sh
+
+demo: setup
+	$(PY) -m kdnb.runs demo --device $(DEVICE) $(DEMO_ARGS)
+
+test: setup
+	@bash tools/test.sh
+
+export: setup
+	$(VENV)/bin/nbdev_export
+
+clean-nbs: setup
+	$(VENV)/bin/nbdev_clean

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Create or update the project venv offline-safe, idempotently.
+#   - reuses a torch the interpreter already has (e.g. a CUDA build on a GPU box): never replaces it;
+#   - otherwise installs torch==2.13.0 first (a local CPU build on CPU machines);
+#   - installs everything else under a constraints file that pins torch and torchvision;
+#   - applies the torchvision start-up shim only when torchvision's native ops cannot load.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${KDNB_PYTHON:-python3}
+STAMP="$VENV/.kdnb-setup"
+HASH=$(cat settings.ini setup.py tools/setup_env.sh tools/requirements.txt tools/torchvision_shim.py | md5sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ] && "$VENV/bin/python" -c "import kdnb, timm" 2>/dev/null; then
+  exit 0
+fi
+echo "== kdnb setup: $VENV"
+if [ ! -x "$VENV/bin/python" ]; then
+  if "$PYTHON" -c "import torch" 2>/dev/null; then
+    echo "   torch $("$PYTHON" -c 'import torch;print(torch.__version__)') found in $PYTHON: reusing it (venv with system site-packages)"
+    "$PYTHON" -m venv --system-site-packages "$VENV"
+  else
+    "$PYTHON" -m venv "$VENV"
+  fi
+fi
+PY="$VENV/bin/python"
+PIP="$PY -m pip --disable-pip-version-check"
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "   installing torch==2.13.0"
+  $PIP install -q torch==2.13.0
+fi
+TORCH=$("$PY" -c "import torch;print(torch.__version__.split('+')[0])")
+TV=$("$PY" -c "import importlib.metadata as m;print(m.version('torchvision'))" 2>/dev/null || true)
+if [ -z "$TV" ]; then
+  # torchvision 0.(minor+15) pairs with torch 2.minor
+  TV=$("$PY" -c "v='$TORCH'.split('.');print(f'0.{int(v[1])+15}.0')")
+fi
+CONS="$VENV/kdnb-constraints.txt"
+printf 'torch==%s\ntorchvision==%s\n' "$TORCH" "$TV" > "$CONS"
+echo "   pinned torch==$TORCH torchvision==$TV; installing requirements"
+$PIP install -q -c "$CONS" "torchvision==$TV" -r tools/requirements.txt
+$PIP install -q -c "$CONS" --no-deps -e .
+# torchvision native ops: install the documented shim only when they cannot load
+SITE=$("$PY" -c "import sysconfig;print(sysconfig.get_paths()['purelib'])")
+rm -f "$SITE/_kdnb_torchvision_shim.py" "$SITE/_kdnb_torchvision_shim.pth"
+if ! "$PY" -c "import torchvision" 2>/tmp/kdnb-tv-err.$$; then
+  if grep -q "torchvision::nms does not exist" /tmp/kdnb-tv-err.$$; then
+    echo "   torchvision's native ops cannot load on this torch: installing the start-up shim (see tools/torchvision_shim.py)"
+    cp tools/torchvision_shim.py "$SITE/_kdnb_torchvision_shim.py"
+    echo "import _kdnb_torchvision_shim" > "$SITE/_kdnb_torchvision_shim.pth"
+  else
+    cat /tmp/kdnb-tv-err.$$; rm -f /tmp/kdnb-tv-err.$$; echo "torchvision import failed for another reason" >&2; exit 1
+  fi
+fi
+rm -f /tmp/kdnb-tv-err.$$
+"$PY" -c "import torchvision, timm, kdnb; print('   ok: torch', __import__('torch').__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)"
+echo "$HASH" > "$STAMP"
