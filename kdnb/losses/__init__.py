@@ -5,18 +5,13 @@
 # %% auto #0
 __all__ = ['LOSSES']
 
-# %% ../../nbs/04_losses.ipynb #57f76d07
+# %% ../../nbs/04_losses.ipynb #396f9dda
 from ..core import Registry
 from .logit import *
 from .feature import *
-from . import logit as _logit, feature as _feature
-try:
-    from kdnb.losses.tokens import *
-    from kdnb.losses import tokens as _tokens
-except ModuleNotFoundError as e:      # the token chapter is optional until it lands
-    if e.name != 'kdnb.losses.tokens': raise
-    TOKEN_LOSSES, _tokens = {}, None
+from .tokens import *
+from . import logit as _logit, feature as _feature, tokens as _tokens
 
-# %% ../../nbs/04_losses.ipynb #2ce3f1d1
+# %% ../../nbs/04_losses.ipynb #a16138f9
 LOSSES = Registry('loss', {**LOGIT_LOSSES, **FEATURE_LOSSES, **TOKEN_LOSSES})
-__all__ = ['LOSSES', *_logit.__all__, *_feature.__all__, *getattr(_tokens, '__all__', [])]
+__all__ = ['LOSSES', *_logit.__all__, *_feature.__all__, *_tokens.__all__]
