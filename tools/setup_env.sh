@@ -9,8 +9,9 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${KDNB_PYTHON:-python3}
 STAMP="$VENV/.kdnb-setup"
+ABSVENV="$(pwd)/$VENV"; case "$VENV" in /*) ABSVENV="$VENV";; esac
 HASH=$(cat settings.ini setup.py tools/setup_env.sh tools/requirements.txt tools/torchvision_shim.py | md5sum | cut -d' ' -f1)
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ] && "$VENV/bin/python" -c "import kdnb, timm" 2>/dev/null; then
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ] && (cd / && "$ABSVENV/bin/python" -c "import kdnb.runs, timm") 2>/dev/null; then
   exit 0
 fi
 echo "== kdnb setup: $VENV"
@@ -52,5 +53,5 @@ if ! "$PY" -c "import torchvision" 2>/tmp/kdnb-tv-err.$$; then
   fi
 fi
 rm -f /tmp/kdnb-tv-err.$$
-"$PY" -c "import torchvision, timm, kdnb; print('   ok: torch', __import__('torch').__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)"
+(cd / && "$ABSVENV/bin/python" -c "import torchvision, timm, kdnb.runs; print('   ok: torch', __import__('torch').__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)")
 echo "$HASH" > "$STAMP"

@@ -10,9 +10,11 @@ echo "== 1/4 nbdev_export: kdnb/ must already match nbs/"
 before=$(snap kdnb); $B/nbdev_export; after=$(snap kdnb)
 if [ "$before" != "$after" ]; then echo "FAIL: kdnb/ was out of sync with nbs/ (nbdev_export changed it; commit the export)"; git status --short kdnb; exit 1; fi
 
-echo "== 2/4 nbdev_clean: notebooks must already be clean"
+echo "== 2/4 nbdev_clean: notebooks must already be clean; README.md generated from nbs/index.ipynb"
 before=$(snap nbs); $B/nbdev_clean; after=$(snap nbs)
 if [ "$before" != "$after" ]; then echo "FAIL: notebooks under nbs/ were not clean (nbdev_clean changed them; commit them clean)"; git status --short nbs; exit 1; fi
+
+$B/python tools/readme.py --check
 
 echo "== 3/4 nbdev_test (IN_TEST sizes; experiment templates run under pytest)"
 $B/nbdev_test --n_workers 2 --skip_folder_re '^(experiments|[_.].*)$' --timing
