@@ -27,3 +27,7 @@ export: setup
 
 clean-nbs: setup
 	$(VENV)/bin/nbdev_clean
+
+.PHONY: bench-mgda
+bench-mgda: setup  ## step time of MGDA-UB / exact MGDA / DTO-KD against a weighted sum
+	$(PY) bench/mgda_bench.py --device $(DEVICE)
