@@ -20,4 +20,6 @@ echo "== 3/4 nbdev_test (IN_TEST sizes; experiment templates run under pytest)"
 $B/nbdev_test --n_workers 2 --skip_folder_re '^(experiments|[_.].*)$' --timing
 
 echo "== 4/4 pytest"
+# tests/test_browser.py drives Debian's chromium (never a downloaded browser build)
+command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || echo "chromium could not be installed: tests/test_browser.py will be skipped"
 $B/python -m pytest -q tests "$@"
