@@ -20,6 +20,14 @@ from kdnb.metrics import (topk_accuracy, agreement, teacher_kl, expected_calibra
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    "Tiny tensors: one intra-op thread avoids oversubscribing a shared CPU (restored afterwards)."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # --- independent references (numpy, written from the formulas) -------------------------------------
 
 def cka_reference(X, Y):
@@ -206,9 +214,12 @@ def test_evaluate_with_module_and_logit_teachers():
         calls.append(idx.clone()); return {'lin': teacher(x)}
     loader = TensorLoader(data, 'val', batch_size=100)
     r = evaluate(model, loader, teachers=bank, device='cpu', n_bins=5)
-    x, y, idx = data.split('val')
-    with torch.no_grad(): zs, zt = model(x), teacher(x)
-    assert model.training and len(calls) == len(loader) and torch.equal(torch.cat(calls), idx)
+    assert model.training                                   # restored after the eval-mode pass
+    _, y, idx = data.split('val')
+    with torch.no_grad():   # the same batches as evaluate saw, so the logits are bitwise the same
+        zs, zt = (torch.cat([m(x) for x, _, _ in loader]) for m in (model.eval(), teacher))
+    model.train()
+    assert len(calls) == len(loader) and torch.equal(torch.cat(calls), idx)
     assert r['top1'] == pytest.approx(topk_accuracy(zs, y)['top1'])
     assert r['ece'] == pytest.approx(expected_calibration_error(zs, y, 5), abs=1e-6)
     assert r['teachers']['lin']['kl'] == pytest.approx(teacher_kl(zs, zt), rel=1e-4)
@@ -286,7 +297,7 @@ def test_compute_reduces_over_gloo_processes():
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, 'r.pt')
-        mp.spawn(_ddp_worker, args=(2, os.path.join(d, 'init'), out), nprocs=2, join=True)
+        mp.start_processes(_ddp_worker, args=(2, os.path.join(d, 'init'), out), nprocs=2, join=True, start_method='fork')
         r = torch.load(out)
     z, y, e, zt, et = make_stream()
     single = MetricAccumulator(n_bins=6).update(z, y, teachers={'t': zt}).compute()
