@@ -1,0 +1,129 @@
+"The `kdnb` command: help for every subcommand, run/sweep/compare/report/templates on the toy template, teachers/cache dispatch."
+import json, sys, types
+from pathlib import Path
+import pytest, yaml
+from kdnb.runs import main, toy_template, run_status, load_results
+
+COMMANDS = [[], ['run'], ['sweep'], ['compare'], ['report'], ['templates'], ['teachers'], ['teachers', 'train'],
+            ['cache'], ['cache', 'build'], ['demo']]
+
+
+@pytest.fixture(scope='module')
+def toy(tmp_path_factory): return toy_template(tmp_path_factory.mktemp('templates'))
+
+
+@pytest.mark.parametrize('cmd', COMMANDS, ids=lambda c: ' '.join(c) or 'kdnb')
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e: main(cmd + ['--help'])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith(f"usage: kdnb {' '.join(cmd)}".rstrip())
+    assert len(out.splitlines()) > 3
+
+
+def test_unknown_subcommand(capsys):
+    with pytest.raises(SystemExit) as e: main(['train'])
+    assert e.value.code == 2 and 'invalid choice' in capsys.readouterr().err
+
+
+def test_run_and_report(toy, tmp_path, capsys):
+    out = tmp_path / 'r'
+    assert main(['run', str(toy), '-p', 'epochs', '1', '-p', 'key', 'kd', '-p', 'steps_per_epoch', '7', '--out', str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert 'kd *' in printed and ' 7 ' in printed                     # the results table, primary marked, 7 steps
+    params = json.loads((out / 'params.json').read_text())
+    assert params['epochs'] == 1 and params['steps_per_epoch'] == 7 and params['key'] == 'kd'   # '1' became an int
+    assert run_status(out)['status'] == 'done' and (out / 'toy.html').exists()
+    assert main(['report', str(out)]) == 0
+    rep = capsys.readouterr().out
+    assert ': done' in rep and 'kd *' in rep
+
+
+def test_sweep_exit_status_no_resume_fail_fast_and_report(toy, tmp_path, capsys):
+    log, out, grid = tmp_path / 'log', tmp_path / 'sw', tmp_path / 'grid.yaml'
+    grid.write_text(yaml.safe_dump({'grid': {'fail': [False, True]},
+                                    'fixed': {'epochs': 1, 'steps_per_epoch': 5, 'log_file': str(log)}}))
+    assert main(['sweep', str(toy), str(grid), '--out', str(out)]) == 1     # a point failed: status 1, after all ran
+    printed = capsys.readouterr().out
+    assert 'failed' in printed and 'done' in printed and 'toy run asked to fail' in printed
+    assert len(log.read_text().split()) == 2
+    first = load_results(out).point[0]
+    # --no-resume runs the finished point again; --fail-fast stops at the failing one
+    assert main(['sweep', str(toy), str(grid), '--out', str(out), '--no-resume', '--fail-fast']) == 1
+    assert 'stopped at a failing point' in capsys.readouterr().err
+    assert log.read_text().split() == [first, load_results(out).point[1]] * 2
+    assert main(['report', str(out)]) == 0
+    rep = capsys.readouterr().out
+    assert 'toy.test_acc' in rep and 'fail' in rep and len(rep.strip().splitlines()) == 3
+
+
+def test_sweep_plain_mapping_grid_file(toy, tmp_path, capsys):
+    grid = tmp_path / 'g.yaml'; grid.write_text('seed: 3\n')
+    assert main(['sweep', str(toy), str(grid), '--out', str(tmp_path / 's')]) == 2
+    assert '`grid`' in capsys.readouterr().err and not (tmp_path / 's').exists()
+    assert main(['sweep', str(toy), str(tmp_path / 'none.yaml')]) == 2
+    assert '`grid_file`' in capsys.readouterr().err
+
+
+def test_compare_and_report(toy, tmp_path, capsys):
+    out = tmp_path / 'cmp'
+    assert main(['compare', str(toy), str(toy), '-m', 'overhead', '2', '-m', 'key', 'mgda', '-m', 'epochs', '1',
+                 '-b', 'key', 'kd', '-b', 'epochs', '1', '--match', 'steps', '--no-default', '--out', str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert 'compare at equal steps' in printed and 'baseline_equal' in printed and 'mgda' in printed
+    cmp = json.loads((out / 'compare.json').read_text())
+    assert cmp['baseline_default'] is None and cmp['baseline_equal']['compute']['steps'] == cmp['method']['compute']['steps'] == 25
+    assert main(['report', str(out)]) == 0 and 'budget_steps' in capsys.readouterr().out
+    assert main(['compare', str(toy), str(toy), '--match', 'flops', '--out', str(tmp_path / 'c2')]) == 2
+    assert '`match`' in capsys.readouterr().err
+
+
+def test_templates(toy, monkeypatch, capsys):
+    monkeypatch.setenv('KDNB_TEMPLATES', str(toy.parent))
+    assert main(['templates']) == 0
+    out = capsys.readouterr().out
+    assert out.startswith('toy {') and "'budget_steps': None" in out
+
+
+def test_bad_input_exit_2(toy, tmp_path, capsys):
+    f = tmp_path / 'file'; f.write_text('x')
+    for argv, arg in [(['run', 'no_such_template'], '`template`'), (['run', str(toy), '--out', str(f)], '`out_dir`'),
+                      (['run', str(toy), '-p', 'epoch', '1'], '`params`'), (['report', str(tmp_path / 'none')], '`run_dir`'),
+                      (['report', str(tmp_path)], '`sweep_dir`')]:
+        assert main(argv) == 2, argv
+        assert arg in capsys.readouterr().err
+
+
+@pytest.fixture
+def fake_teachers(monkeypatch):
+    "A stand-in kdnb.teachers module recording how the CLI calls it."
+    calls = []
+    mod = types.ModuleType('kdnb.teachers')
+    def train_teachers(epochs=1, force=False):
+        calls.append(('train', dict(epochs=epochs, force=force))); return {'resnet': {'arch': 'resnet10t', 'test_acc': 0.9}}
+    class TeacherCache:
+        @classmethod
+        def build(cls, teachers, float16=False):
+            calls.append(('cache', dict(teachers=teachers, float16=float16))); return 'cache ok'
+    mod.train_teachers, mod.TeacherCache = train_teachers, TeacherCache
+    monkeypatch.setitem(sys.modules, 'kdnb.teachers', mod)
+    return calls
+
+
+def test_teachers_train_and_cache_build(fake_teachers, capsys):
+    assert main(['teachers', 'train', '-p', 'epochs', '3', '-p', 'force', 'True']) == 0
+    assert fake_teachers[-1] == ('train', dict(epochs=3, force=True))
+    assert 'resnet' in capsys.readouterr().out
+    assert main(['cache', 'build', '-p', 'teachers', "['resnet', 'vit']"]) == 0
+    assert fake_teachers[-1] == ('cache', dict(teachers=['resnet', 'vit'], float16=False))
+    assert 'cache ok' in capsys.readouterr().out
+    assert main(['teachers', 'train', '-p', 'epoch', '3']) == 2          # unknown option, before anything runs
+    assert '`-p`' in capsys.readouterr().err and len(fake_teachers) == 2
+    assert main(['cache', 'build']) == 2                                 # a required option missing
+    assert '`-p`' in capsys.readouterr().err and len(fake_teachers) == 2
+
+
+def test_teachers_missing(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, 'kdnb.teachers', None)             # importing it fails
+    assert main(['teachers', 'train']) == 2 and 'kdnb.teachers' in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, 'kdnb.teachers', types.ModuleType('kdnb.teachers'))   # present, without the functions
+    assert main(['cache', 'build']) == 2 and 'has none of' in capsys.readouterr().err
