@@ -95,35 +95,42 @@ def test_bad_input_exit_2(toy, tmp_path, capsys):
 
 @pytest.fixture
 def fake_teachers(monkeypatch):
-    "A stand-in kdnb.teachers module recording how the CLI calls it."
+    "Stand-in kdnb.teachers / kdnb.cache modules recording how the CLI calls them."
     calls = []
-    mod = types.ModuleType('kdnb.teachers')
-    def train_teachers(epochs=1, force=False):
-        calls.append(('train', dict(epochs=epochs, force=force))); return {'resnet': {'arch': 'resnet10t', 'test_acc': 0.9}}
+    teachers, cache = types.ModuleType('kdnb.teachers'), types.ModuleType('kdnb.cache')
+    def train_teachers(names=None, seed=0, force=False, epochs=None):
+        calls.append(('train', dict(names=names, seed=seed, force=force, epochs=epochs)))
+        return {'resnet': {'arch': 'resnet10t', 'test_acc': 0.9}}
+    def build_cache(path, teachers=None, topk=None, rebuild=False):
+        calls.append(('cache', dict(path=path, teachers=teachers, topk=topk, rebuild=rebuild))); return 'cache ok'
     class TeacherCache:
         @classmethod
-        def build(cls, teachers, float16=False):
-            calls.append(('cache', dict(teachers=teachers, float16=float16))); return 'cache ok'
-    mod.train_teachers, mod.TeacherCache = train_teachers, TeacherCache
-    monkeypatch.setitem(sys.modules, 'kdnb.teachers', mod)
+        def build(cls, float16=False):
+            calls.append(('TeacherCache.build', dict(float16=float16))); return 'built by the class'
+    teachers.train_teachers, teachers.TeacherCache, cache.build_cache = train_teachers, TeacherCache, build_cache
+    monkeypatch.setitem(sys.modules, 'kdnb.teachers', teachers)
+    monkeypatch.setitem(sys.modules, 'kdnb.cache', cache)
     return calls
 
 
-def test_teachers_train_and_cache_build(fake_teachers, capsys):
-    assert main(['teachers', 'train', '-p', 'epochs', '3', '-p', 'force', 'True']) == 0
-    assert fake_teachers[-1] == ('train', dict(epochs=3, force=True))
+def test_teachers_train_and_cache_build(fake_teachers, monkeypatch, capsys):
+    assert main(['teachers', 'train', '-p', 'names', "['resnet', 'vit']", '-p', 'force', 'True', '-p', 'epochs', '3']) == 0
+    assert fake_teachers[-1] == ('train', dict(names=['resnet', 'vit'], seed=0, force=True, epochs=3))
     assert 'resnet' in capsys.readouterr().out
-    assert main(['cache', 'build', '-p', 'teachers', "['resnet', 'vit']"]) == 0
-    assert fake_teachers[-1] == ('cache', dict(teachers=['resnet', 'vit'], float16=False))
+    assert main(['cache', 'build', '-p', 'path', 'data/cache/x.kdc', '-p', 'topk', '5']) == 0
+    assert fake_teachers[-1] == ('cache', dict(path='data/cache/x.kdc', teachers=None, topk=5, rebuild=False))
     assert 'cache ok' in capsys.readouterr().out
     assert main(['teachers', 'train', '-p', 'epoch', '3']) == 2          # unknown option, before anything runs
-    assert '`-p`' in capsys.readouterr().err and len(fake_teachers) == 2
+    assert "`-p`: got ['epoch']" in capsys.readouterr().err and len(fake_teachers) == 2
     assert main(['cache', 'build']) == 2                                 # a required option missing
     assert '`-p`' in capsys.readouterr().err and len(fake_teachers) == 2
+    monkeypatch.setitem(sys.modules, 'kdnb.cache', None)                # no kdnb.cache: the next candidate
+    assert main(['cache', 'build', '-p', 'float16', 'True']) == 0 and 'built by the class' in capsys.readouterr().out
+    assert fake_teachers[-1] == ('TeacherCache.build', dict(float16=True))
 
 
 def test_teachers_missing(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, 'kdnb.teachers', None)             # importing it fails
-    assert main(['teachers', 'train']) == 2 and 'kdnb.teachers' in capsys.readouterr().err
-    monkeypatch.setitem(sys.modules, 'kdnb.teachers', types.ModuleType('kdnb.teachers'))   # present, without the functions
-    assert main(['cache', 'build']) == 2 and 'has none of' in capsys.readouterr().err
+    assert main(['teachers', 'train']) == 2 and 'kdnb.teachers:train_teachers' in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, 'kdnb.cache', types.ModuleType('kdnb.cache'))      # present, without the function
+    assert main(['cache', 'build']) == 2 and 'does not provide' in capsys.readouterr().err
