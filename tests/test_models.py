@@ -12,12 +12,12 @@ X = torch.randn(B, 1, 32, 32, generator=torch.Generator().manual_seed(0))
 
 # The documented shapes (B x 1 x 32 x 32 input, 10 classes), every tap on, attention of every block.
 EXPECTED = {
-    'resnet_t': {'logits': (B, 10), 'embedding': (B, 256), 'features.act1': (B, 64, 16, 16), 'features.layer1': (B, 32, 8, 8),
-                 'features.layer2': (B, 64, 4, 4), 'features.layer3': (B, 128, 2, 2), 'features.layer4': (B, 256, 1, 1)},
-    'resnet_s': {'logits': (B, 10), 'embedding': (B, 32), 'features.act1': (B, 64, 16, 16), 'features.layer1': (B, 4, 8, 8),
+    'resnet_t': {'logits': (B, 10), 'embedding': (B, 128), 'features.act1': (B, 64, 16, 16), 'features.layer1': (B, 32, 8, 8),
+                 'features.layer2': (B, 64, 4, 4), 'features.layer3': (B, 96, 2, 2), 'features.layer4': (B, 128, 1, 1)},
+    'resnet_s': {'logits': (B, 10), 'embedding': (B, 32), 'features.act1': (B, 8, 16, 16), 'features.layer1': (B, 4, 8, 8),
                  'features.layer2': (B, 8, 4, 4), 'features.layer3': (B, 16, 2, 2), 'features.layer4': (B, 32, 1, 1)},
-    'convnext_t': {'logits': (B, 10), 'embedding': (B, 256), 'features.stages.0': (B, 32, 8, 8),
-                   'features.stages.1': (B, 64, 4, 4), 'features.stages.2': (B, 128, 2, 2), 'features.stages.3': (B, 256, 1, 1)},
+    'convnext_t': {'logits': (B, 10), 'embedding': (B, 128), 'features.stages.0': (B, 32, 8, 8),
+                   'features.stages.1': (B, 64, 4, 4), 'features.stages.2': (B, 96, 2, 2), 'features.stages.3': (B, 128, 1, 1)},
     'vit_t': {'logits': (B, 10), 'embedding': (B, 64), **{f'features.blocks.{i}': (B, 64, 8, 8) for i in range(4)},
               'tokens': (B, 64, 64), 'prefix': (B, 1, 64), **{f'attn.blocks.{i}': (B, 2, 65, 65) for i in range(4)}},
     'vit_s': {'logits': (B, 10), 'embedding': (B, 32), **{f'features.blocks.{i}': (B, 32, 8, 8) for i in range(2)},
