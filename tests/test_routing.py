@@ -265,3 +265,28 @@ def test_input_validation():
     _raises(lambda: per_sample_kd(torch.randn(4, 7), zl), 'student_logits')
     _raises(lambda: mix_targets(zl, torch.ones(4, 3), TEACHERS), 'weights')
     _raises(lambda: PLRouter(TEACHERS).fit(emb), 'quality')
+
+
+def test_pl_online_observe_learns_global_worths():
+    g = torch.Generator().manual_seed(3)
+    worths = torch.tensor([1.0, 0.0, -1.0])
+    rk = pl_sample(worths, 64 * 200, g)
+    r = PLRouter(['a', 'b', 'c'], per_sample=False, lr=0.05)
+    for i in range(200): r.observe(rankings=rk[64 * i:64 * (i + 1)])
+    b = r.bias.detach()
+    assert torch.allclose(b - b.mean(), worths, atol=0.25) and r.cost.update_s > 0
+
+
+def test_router_as_balancer_weighs_teachers_and_passes_other_terms():
+    r = make_router('uniform', ['a', 'b'], mode='soft')
+    losses = {'a': torch.tensor([1., 3.]), 'b': torch.tensor([2., 2.]), 'task': torch.tensor(0.5)}
+    total, w = r(losses, labels=torch.tensor([0, 1]))
+    assert torch.isclose(total, torch.tensor(0.5 * 2.0 + 0.5 * 2.0 + 0.5))
+    assert set(w) == {'a', 'b', 'task'} and float(w['task']) == 1.0 and torch.allclose(w['a'], torch.full((2,), 0.5))
+
+
+def test_building_a_router_leaves_the_global_rng_alone():
+    torch.manual_seed(123); a = torch.rand(3)
+    torch.manual_seed(123); GateRouter(['a', 'b'], dim=4, seed=5); RLRouter(['a', 'b'], dim=4, seed=5)
+    ClassifierRouter(['a', 'b'], epochs=1).fit(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), torch.rand(8, 2, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(torch.rand(3), a)
