@@ -290,3 +290,43 @@ def test_building_a_router_leaves_the_global_rng_alone():
     torch.manual_seed(123); GateRouter(['a', 'b'], dim=4, seed=5); RLRouter(['a', 'b'], dim=4, seed=5)
     ClassifierRouter(['a', 'b'], epochs=1).fit(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), torch.rand(8, 2, generator=torch.Generator().manual_seed(0)))
     assert torch.equal(torch.rand(3), a)
+
+
+def test_every_remaining_check_names_its_argument():
+    from kdnb.routing import expert_problem, check_rankings, check_weights, UniformRouter
+    T2 = ['a', 'b']
+    cases = [
+        (lambda: make_router('uniform', ['a', 3]), 'teachers'),
+        (lambda: make_router('uniform', T2, prune=1.0), 'prune'),
+        (lambda: make_router('uniform', T2, dim=0), 'dim'),
+        (lambda: make_router('uniform', T2).route(), 'embedding'),                       # nothing to size the batch
+        (lambda: make_router('knn', T2, metric='l1'), 'metric'),
+        (lambda: make_router('knn', T2, agg='max'), 'agg'),
+        (lambda: make_router('knn', T2, bank_size=0), 'bank_size'),
+        (lambda: make_router('pl', T2, top=0), 'top'),
+        (lambda: make_router('pl', T2, steps=0), 'steps'),
+        (lambda: make_router('classifier', T2, hidden=-1), 'hidden'),
+        (lambda: make_router('classifier', T2, target_tau=0), 'target_tau'),
+        (lambda: make_router('gate', T2, dim=4, balance_kind='entropy'), 'balance_kind'),
+        (lambda: make_router('gate', T2, dim=4, balance=-1), 'balance'),
+        (lambda: make_router('gate', T2, dim=4, label_weight=-1), 'label_weight'),
+        (lambda: make_router('rl', T2, dim=4, baseline_momentum=1.0), 'baseline_momentum'),
+        (lambda: make_router('rl', T2, dim=0), 'dim'),
+        (lambda: expert_problem(n=0), 'n'),
+        (lambda: expert_problem(distract=2.0), 'distract'),
+        (lambda: check_rankings(torch.tensor([[0., 1.]]), 2), 'rankings'),
+        (lambda: check_rankings(torch.tensor([[0, 1, 2]]), 2), 'rankings'),
+        (lambda: check_weights(torch.ones(3, 2) / 2, 2, 2), 'weights'),
+        (lambda: check_weights(torch.tensor([[1.5, -0.5]]), 1, 2), 'weights'),
+        (lambda: check_route_inputs(T2, embedding=torch.randn(3)), 'embedding'),
+        (lambda: check_route_inputs(T2, teacher_logits=[torch.randn(2, 3)]), 'teacher_logits'),
+        (lambda: check_route_inputs(T2, teacher_logits={'a': torch.randn(2, 3), 'b': torch.ones(2, 3, dtype=torch.long)}), 'teacher_logits'),
+        (lambda: check_route_inputs(T2, labels=torch.tensor([0.5, 1.0])), 'labels'),
+        (lambda: check_route_inputs(T2, quality=torch.ones(2, 2, dtype=torch.long)), 'quality'),
+    ]
+    for fn, arg in cases: _raises(fn, arg)
+    gate = make_router('gate', T2, dim=4, label_weight=1.0)
+    _raises(lambda: gate({'a': torch.rand(3), 'b': torch.rand(3)}, embedding=torch.randn(3, 4)), 'labels')
+    rl = make_router('rl', T2, dim=4)
+    with torch.no_grad(): rl.route(torch.randn(3, 4))
+    _raises(lambda: rl.reward(torch.zeros(3)), 'reward')                                 # sampled without gradients
