@@ -17,7 +17,7 @@ if [ "$before" != "$after" ]; then echo "FAIL: notebooks under nbs/ were not cle
 $B/python tools/readme.py --check
 
 echo "== 3/4 nbdev_test (IN_TEST sizes; experiment templates run under pytest)"
-$B/nbdev_test --n_workers 2 --skip_folder_re '^(experiments|[_.].*)$' --timing
+OMP_NUM_THREADS=1 $B/nbdev_test --n_workers 2 --skip_folder_re '^(experiments|[_.].*)$' --timing
 
 echo "== 4/4 pytest"
 # tests/test_browser.py drives Debian's chromium (never a downloaded browser build)
