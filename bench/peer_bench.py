@@ -18,12 +18,17 @@ tensor. So three variants are timed:
     torchdistill          DistillationBox, DataLoader over TensorDataset (per-sample collation)
     kdnb                  Distiller.fit() with its own TensorLoader (batch slicing)
     kdnb + DataLoader     Distiller.fit() whose train/val loaders are replaced by the same kind of torch DataLoader
-                          over the same TensorDataset (per-sample collation: the like-for-like comparison)
+                          over the same TensorDataset (per-sample collation: the like-for-like comparison); it is
+                          shuffled by the same seeded sampler, so it is the same training run as torchdistill's up to
+                          float rounding (checked before timing: the per-step losses must agree)
+    torchdistill again    the control: torchdistill timed a second time in each round (--no-control skips it); how far
+                          its ratio is from 1 shows what the machine's noise alone does to a ratio
 
 Each run is timed from its first batch to the end of its last validation (building the box / Distiller is not
 counted), as wall time and as this process's CPU time; on a machine shared with other jobs the CPU time is the
 steadier of the two. Reported: per-epoch medians over --reps interleaved rounds (round order rotates) after a
-warm-up round, and the ratios kdnb / torchdistill.
+warm-up round, and the ratios kdnb / torchdistill (of the medians, of the minimums, and the median of the
+per-round ratios, which cancels slow drifts in the machine's load).
 
     python bench/peer_bench.py [--device cpu] [--reps 5] [--epochs 1] [--threads 1] [--bs 64]
 
@@ -46,7 +51,8 @@ def ensure_torchdistill():
     for c in (Path(__file__).resolve().parents[1] / '.venv' / 'kdnb-constraints.txt', Path(sys.prefix) / 'kdnb-constraints.txt'):
         if c.exists(): cmd += ['-c', str(c)]; break
     print('installing', TORCHDISTILL, ':', ' '.join(cmd[3:] + [TORCHDISTILL]), flush=True)
-    subprocess.check_call(cmd + [TORCHDISTILL])
+    try: subprocess.check_call(cmd + [TORCHDISTILL])
+    finally: os.unlink(f.name)
     importlib.invalidate_caches()
     return importlib.import_module('torchdistill')
 
@@ -119,19 +125,20 @@ def td_evaluate(model, loader, dev):
 def run_torchdistill(teacher, student, data, dsets, a, dev):
     spe = len(dsets['train']) // a.bs
     box = td_box(teacher, student, dsets, td_config(a.bs, a.lr, a.wd, a.alpha, a.T, a.epochs, spe, 0), dev)
-    best = dict(acc=-1.0, state=None)
+    best, traj, step, total = dict(acc=-1.0, state=None), {}, 0, a.epochs * spe
     clock = Clock(dev).start()
     for ep in range(a.epochs):
         box.pre_epoch_process(epoch=ep)
-        for i, (x, y, supp) in enumerate(box.train_data_loader):
+        for x, y, supp in box.train_data_loader:
             x, y = x.to(dev), y.to(dev)
             loss = box.forward_process(x, y, supp)
             box.post_forward_process(loss=loss)
-            if (i + 1) % a.log_every == 0: loss.item()                 # kdnb reads its logged values as often
+            step += 1
+            if step % a.log_every == 0 or step == total: traj[step] = loss.item()   # read as often as kdnb logs
         box.post_epoch_process()
         acc = td_evaluate(box.student_model, box.val_data_loader, dev)
         if acc > best['acc']: best = dict(acc=acc, state=copy.deepcopy(box.student_model.state_dict()))
-    return clock.stop(), acc
+    return clock.stop(), acc, traj
 
 # ------------------------------------------------------------------------------------------------ kdnb
 def distiller(teacher, student, data, a, dev):
@@ -140,16 +147,15 @@ def distiller(teacher, student, data, a, dev):
                      device=dev, amp=False, channels_last=False, progress=False, log_every=a.log_every)
 
 class DataLoaderAdapter:
-    "A torch DataLoader over a TensorDataset (x, y, idx) with TensorLoader's interface (set_epoch, len, (x, y, idx) batches)."
+    """A torch DataLoader over a TensorDataset (x, y, idx) with TensorLoader's interface (set_epoch, len, (x, y, idx) batches).
+    Shuffled like torchdistill's train loader (one RandomSampler whose generator is seeded once), so both see the same batches."""
     def __init__(self, ds, bs, shuffle, drop_last, dev, seed=0):
-        self.ds, self.bs, self.shuffle, self.drop_last, self.dev, self.seed, self.epoch = ds, bs, shuffle, drop_last, dev, seed, 0
-    def set_epoch(self, epoch): self.epoch = epoch
-    def __len__(self): return len(self.ds) // self.bs if self.drop_last else -(-len(self.ds) // self.bs)
+        sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed)) if shuffle else SequentialSampler(ds)
+        self.dl, self.dev = DataLoader(ds, batch_size=bs, sampler=sampler, drop_last=drop_last, num_workers=0), dev
+    def set_epoch(self, epoch): pass
+    def __len__(self): return len(self.dl)
     def __iter__(self):
-        sampler = (RandomSampler(self.ds, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch)) if self.shuffle
-                   else SequentialSampler(self.ds))
-        for x, y, idx in DataLoader(self.ds, batch_size=self.bs, sampler=sampler, drop_last=self.drop_last, num_workers=0):
-            yield x.to(self.dev), y.to(self.dev), idx
+        for x, y, idx in self.dl: yield x.to(self.dev), y.to(self.dev), idx
 
 def run_kdnb(teacher, student, data, dsets, a, dev, dataloader=False):
     d = distiller(teacher, student, data, a, dev)
@@ -157,8 +163,8 @@ def run_kdnb(teacher, student, data, dsets, a, dev, dataloader=False):
         d.loaders['train'] = DataLoaderAdapter(dsets['train'], a.bs, True, True, dev)
         d.loaders['val'] = DataLoaderAdapter(dsets['val'], a.bs, False, False, dev)
         assert len(d.loaders['train']) == d.steps_per_epoch
-    clock = Clock(dev).start(); d.fit()
-    return clock.stop(), d.epoch_log[-1]['val_acc']
+    clock = Clock(dev).start(); d.fit(); t = clock.stop()
+    return t, d.epoch_log[-1]['val_acc'], {h['step']: h['loss'] for h in d.history}
 
 # ------------------------------------------------------------------------------------------------ same objective
 def check_same_loss(teacher, student0, data, dsets, a, dev):
@@ -177,7 +183,25 @@ def check_same_loss(teacher, student0, data, dsets, a, dev):
     return l_td, l_kd
 
 VARIANTS = {'torchdistill': run_torchdistill, 'kdnb': run_kdnb,
-            'kdnb + DataLoader': lambda *args: run_kdnb(*args, dataloader=True)}
+            'kdnb + DataLoader': lambda *args: run_kdnb(*args, dataloader=True),
+            'torchdistill again': run_torchdistill}     # the control: torchdistill against itself shows the noise floor
+PATHS = {'torchdistill': 'DataLoader, per-sample collation', 'kdnb': 'TensorLoader, batch slicing',
+         'kdnb + DataLoader': 'DataLoader, per-sample collation', 'torchdistill again': 'DataLoader, per-sample collation'}
+ROLE = {'kdnb': 'goal <= 1: kdnb not slower', 'kdnb + DataLoader': 'same data path on both sides',
+        'torchdistill again': 'control: the same run twice; its distance from 1 is the noise'}
+
+def check_same_run(teacher, student0, data, dsets, a, dev):
+    """One untimed epoch through torchdistill and through kdnb + DataLoader, logging the loss at every step: same
+    initial weights, same batches in the same order, same loss and optimizer, so the same training run. The two
+    compute the KL with different (equivalent) formulas, so they differ by float rounding, which training then
+    slowly amplifies: the first steps must agree to 1e-4 (relative), the whole epoch to 1e-2."""
+    b = argparse.Namespace(**{**vars(a), 'log_every': 1, 'epochs': 1})
+    *_, tr_td = run_torchdistill(teacher, copy.deepcopy(student0), data, dsets, b, dev)
+    *_, tr_kd = run_kdnb(teacher, copy.deepcopy(student0), data, dsets, b, dev, dataloader=True)
+    assert tr_td.keys() == tr_kd.keys(), f"logged steps differ: {sorted(tr_td)} vs {sorted(tr_kd)}"
+    rel = [abs(tr_td[k] - tr_kd[k]) / max(abs(tr_td[k]), 1e-12) for k in sorted(tr_td)]
+    assert max(rel[:5]) < 1e-4 and max(rel) < 1e-2, f"torchdistill and kdnb + DataLoader trained differently: relative loss differences {rel}"
+    return max(rel[:5]), max(rel), len(rel)
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -187,6 +211,7 @@ def main(argv=None):
     ap.add_argument('--bs', type=int, default=64); ap.add_argument('--lr', type=float, default=2e-3)
     ap.add_argument('--wd', type=float, default=0.05); ap.add_argument('--alpha', type=float, default=0.1, help='CE weight (KD weight 1 - alpha)')
     ap.add_argument('--T', type=float, default=4.0); ap.add_argument('--log-every', type=int, default=10)
+    ap.add_argument('--no-control', action='store_true', help="skip the 'torchdistill again' control run")
     a = ap.parse_args(argv)
     td = ensure_torchdistill()
     torch.set_num_threads(a.threads)
@@ -196,13 +221,16 @@ def main(argv=None):
     teacher, student0 = make_models(data, a.teacher, a.student, dev)
     l_td, l_kd = check_same_loss(teacher, student0, data, dsets, a, dev)
     print(f"same objective on one batch: torchdistill {l_td:.6f}  kdnb {l_kd:.6f}")
+    d5, dall, n = check_same_run(teacher, student0, data, dsets, a, dev)
+    print(f"same training run (torchdistill vs kdnb + DataLoader, one epoch, loss at each of {n} steps): relative difference "
+          f"<= {d5:.1e} over the first 5 steps, <= {dall:.1e} over the epoch (float rounding, amplified by training)", flush=True)
     load = os.getloadavg() if hasattr(os, 'getloadavg') else None
     times, cpus, accs = {k: [] for k in VARIANTS}, {k: [] for k in VARIANTS}, {k: [] for k in VARIANTS}
-    names = list(VARIANTS)
+    names = [k for k in VARIANTS if not (a.no_control and k == 'torchdistill again')]
     for r in range(a.reps + 1):                                  # round 0 is a warm-up, not counted
         order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
         for name in order:
-            (t, c), acc = VARIANTS[name](teacher, copy.deepcopy(student0), data, dsets, a, dev)
+            (t, c), acc, _ = VARIANTS[name](teacher, copy.deepcopy(student0), data, dsets, a, dev)
             if r > 0: times[name].append(t / a.epochs); cpus[name].append(c / a.epochs); accs[name].append(acc)
             print(f"  round {r} {name:18s} {t / a.epochs:7.3f} s/epoch wall {c / a.epochs:7.3f} s/epoch cpu  val top-1 {acc:.3f}"
                   + ('  (warm-up)' if r == 0 else ''), flush=True)
@@ -215,17 +243,21 @@ def main(argv=None):
           f"validation once per epoch on every side; median of {a.reps} interleaved rounds after a warm-up")
     if load: print(f"load average (1/5/15 min) at start {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, at end {load_end[0]:.2f}/{load_end[1]:.2f}/{load_end[2]:.2f}")
     print(f"\n  {'variant':20s} {'data path':34s} {'s/epoch':>8s} {'min':>7s} {'max':>7s} {'cpu s/ep':>8s} {'val top-1':>9s}")
-    paths = {'torchdistill': 'DataLoader, per-sample collation', 'kdnb': 'TensorLoader, batch slicing',
-             'kdnb + DataLoader': 'DataLoader, per-sample collation'}
     for k in names:
-        print(f"  {k:20s} {paths[k]:34s} {med[k]:8.3f} {min(times[k]):7.3f} {max(times[k]):7.3f} {cmed[k]:8.3f} {statistics.median(accs[k]):9.3f}")
-    print(f"\n  {'ratio (median s/epoch)':40s} {'wall':>6s} {'cpu':>6s}")
-    for k, what in (('kdnb', 'goal <= 1: kdnb not slower'), ('kdnb + DataLoader', 'same data path on both sides')):
-        print(f"  {k + ' / torchdistill':40s} {med[k] / med['torchdistill']:6.3f} {cmed[k] / cmed['torchdistill']:6.3f}   ({what})")
+        print(f"  {k:20s} {PATHS[k]:34s} {med[k]:8.3f} {min(times[k]):7.3f} {max(times[k]):7.3f} {cmed[k]:8.3f} {statistics.median(accs[k]):9.3f}")
+    def ratios(k, xs):
+        "kdnb variant / torchdistill three ways: ratio of medians, ratio of minimums, median of the per-round ratios."
+        return (statistics.median(xs[k]) / statistics.median(xs['torchdistill']), min(xs[k]) / min(xs['torchdistill']),
+                statistics.median([u / v for u, v in zip(xs[k], xs['torchdistill'])]))
+    print(f"\n  {'ratio to torchdistill':24s} {'of medians':>17s} {'of minimums':>17s} {'per-round median':>17s}")
+    print(f"  {'':24s}" + f" {'wall':>8s} {'cpu':>8s}" * 3)
+    for k in names[1:]:
+        w, c = ratios(k, times), ratios(k, cpus)
+        print(f"  {k:24s}" + ''.join(f" {u:8.3f} {v:8.3f}" for u, v in zip(w, c)) + f"   ({ROLE[k]})")
     print("\nnote: torchdistill's loaders always fetch samples one by one and collate them; kdnb's TensorLoader slices a batch "
           "from one tensor. The 'kdnb + DataLoader' row feeds kdnb's own fit loop the same kind of DataLoader (its train/val "
           "loaders replaced by an adapter), so that ratio compares the training harnesses alone.")
-    return dict(median=med, cpu_median=cmed, times=times, cpu=cpus)
+    return dict(median=med, cpu_median=cmed, times=times, cpu=cpus, acc=accs)
 
 if __name__ == '__main__':
     main()
