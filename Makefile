@@ -31,3 +31,8 @@ clean-nbs: setup
 .PHONY: bench-mgda
 bench-mgda: setup  ## step time of MGDA-UB / exact MGDA / DTO-KD against a weighted sum
 	$(PY) bench/mgda_bench.py --device $(DEVICE)
+
+.PHONY: bench-cache
+bench-cache: setup  ## epoch time of 3-teacher KD: online teachers vs teacher-output cache vs student alone
+	$(PY) bench/cache_bench.py --device $(DEVICE)
+bench: bench-cache
