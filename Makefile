@@ -36,3 +36,7 @@ bench-mgda: setup  ## step time of MGDA-UB / exact MGDA / DTO-KD against a weigh
 bench-cache: setup  ## epoch time of 3-teacher KD: online teachers vs teacher-output cache vs student alone
 	$(PY) bench/cache_bench.py --device $(DEVICE)
 bench: bench-cache
+
+.PHONY: bench-peer
+bench-peer: setup  ## epoch time of single-teacher KD: kdnb vs torchdistill (same models, data, batch, optimizer, threads)
+	$(PY) bench/peer_bench.py --device $(DEVICE)
