@@ -11,6 +11,7 @@ DEMO_ARGS ?=
 help:
 	@echo "make demo [DEVICE=cuda]  - run the main experiment into runs/demo/"
 	@echo "make test                - the full test suite (what CI runs)"
+	@echo "make bench [DEVICE=cuda] - benchmarks (cache, MGDA, harness overhead, peer) printing measured ratios"
 	@echo "make export / clean-nbs  - nbdev_export / nbdev_clean"
 
 setup:
@@ -35,8 +36,14 @@ bench-mgda: setup  ## step time of MGDA-UB / exact MGDA / DTO-KD against a weigh
 .PHONY: bench-cache
 bench-cache: setup  ## epoch time of 3-teacher KD: online teachers vs teacher-output cache vs student alone
 	$(PY) bench/cache_bench.py --device $(DEVICE)
-bench: bench-cache
 
 .PHONY: bench-peer
 bench-peer: setup  ## epoch time of single-teacher KD: kdnb vs torchdistill (same models, data, batch, optimizer, threads)
 	$(PY) bench/peer_bench.py --device $(DEVICE)
+
+.PHONY: bench-harness
+bench-harness: setup  ## kdnb's Distiller vs a minimal hand-written loop, same KD recipe, models, data and batch
+	$(PY) bench/harness_bench.py --device $(DEVICE)
+
+# every benchmark, each printing its ratios measured side by side in one run
+bench: bench-cache bench-mgda bench-harness bench-peer
