@@ -48,3 +48,24 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path):
     sa, sb = torch.load(single / 'student.pt'), torch.load(ddp / 'student.pt')
     for k in sa: torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-5)
     assert abs(a['test_acc'] - b['test_acc']) <= 1 / 270 + 1e-9      # at most one test sample may flip
+
+
+def test_cached_augmented_views_reach_the_student(tmp_path):
+    "With a cache of stored views (CED), the student trains on exactly the view the teachers scored, with no teacher forward."
+    from kdnb.data import load_data, TensorLoader
+    from kdnb.teachers import TeacherBank
+    from kdnb.cache import build_cache
+    from kdnb.models import create_model
+    from kdnb.distill import Distiller, TeacherSource, kd_objectives
+    data = load_data('digits')
+    bank = TeacherBank.from_zoo(['resnet_t'], data, train=False)
+    cache = build_cache(bank, data, path=tmp_path / 'c.kdc', splits=['train'], views=2, dtype='float32', progress=False)
+    src = TeacherSource(cache)
+    x, y, idx = next(iter(TensorLoader(data, 'train', 32)))
+    src.set_epoch(1)
+    xv = src.view(x, idx)
+    assert torch.equal(xv, cache.augment(x, idx, view=1)) and not torch.equal(xv, x)
+    torch.testing.assert_close(src(xv, idx)['resnet_t'].logits, bank(xv)['resnet_t'].logits, rtol=1e-3, atol=1e-3)
+    d = Distiller(create_model('resnet_s', 10, 1), cache, data, kd_objectives(['resnet_t']), epochs=1, budget_steps=3, progress=False)
+    d.fit()
+    assert d.compute.steps == 3 and d.summary()['compute']['teacher_forwards'] == 0
