@@ -202,9 +202,13 @@ def test_token_explorer_controls(data, inst_models):
         np.testing.assert_allclose(z, w.numpy(), atol=1e-6)
         k = math.ceil(keep * 64 - 1e-9)
         kept = trace_by_name(ex.fig, 'kept')
-        assert len(kept.x) == k == len(trace_by_name(ex.fig, 'weights kept').y)
+        kx, ky = np.asarray(kept.x, dtype=float), np.asarray(kept.y, dtype=float)
+        kx, ky = kx[np.isfinite(kx)], ky[np.isfinite(ky)]
+        bars = np.asarray(trace_by_name(ex.fig, 'weights kept').y, dtype=float)
+        assert len(kx) == k == np.isfinite(bars).sum()
+        np.testing.assert_allclose(np.sort(bars[np.isfinite(bars)]), np.sort(z)[::-1][:k][::-1], atol=1e-7)
         top = set(torch.topk(torch.tensor(z), k).indices.tolist())
-        cells = {int(round((yy + 0.5) / 4 - 0.5)) * 8 + int(round((xx + 0.5) / 4 - 0.5)) for xx, yy in zip(kept.x, kept.y)}
+        cells = {int(round((yy + 0.5) / 4 - 0.5)) * 8 + int(round((xx + 0.5) / 4 - 0.5)) for xx, yy in zip(kx, ky)}
         assert cells == top                                          # the outlined tokens are the top-k
         err = np.asarray(trace_by_name(ex.fig, 'error').z, dtype=float).reshape(-1)
         assert err.shape == (64,) and np.isfinite(err).all()
@@ -302,3 +306,19 @@ def test_magnitude_bad_input(runs, data, tmp_path):
     with pytest.raises(KdnbError, match='`run`'): run_shares(tmp_path)
     with pytest.raises(KdnbError, match='`feats`'): magnitudes_figure({})
     with pytest.raises(KdnbError, match='`norm`'): MagnitudeExplorer(norm='whiten')
+
+
+def test_figures_edit_in_place_once_shown():
+    "Before the first display a redraw swaps in a fresh FigureWidget; once shown, the same widget is edited in place."
+    ex = MGDAExplorer()
+    f0 = ex.fig
+    ex.angle[1].value = 120.0
+    assert ex.fig is not f0 and ex.fig in ex.children
+    ex._repr_mimebundle_()
+    f1 = ex.fig
+    ex.angle[1].value = 140.0
+    assert ex.fig is f1
+    np.testing.assert_allclose(end(trace_by_name(ex.fig, 'g2')), gradients_2d([140.0], [2.0])[0], atol=1e-12)
+    assert trace_by_name(ex.fig, 'weights MGDA').x == ('g1', 'g2')   # untouched properties are not resent
+    ex.k.value = 3                                                   # other bar categories: a fresh figure even when shown
+    assert ex.fig is not f1 and len(trace_by_name(ex.fig, 'weights MGDA').x) == 3
