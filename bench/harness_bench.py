@@ -10,10 +10,7 @@ from kdnb.core import Taps, seed_everything, pick_device
 from kdnb.data import load_data, get_loaders
 from kdnb.distill import Distiller, kd_objectives
 
-class Wrap(nn.Module):
-    "A timm model returning Taps(logits) (the same module runs in both loops)."
-    def __init__(self, m): super().__init__(); self.m = m
-    def forward(self, x): return Taps(logits=self.m(x))
+from kdnb.models import TapModel as Wrap     # a timm model returning Taps(logits): the same module runs in both loops
 
 def make_models(data, teacher_arch, student_arch, dev):
     seed_everything(1); t = timm.create_model(teacher_arch, num_classes=data.num_classes, in_chans=data.channels).to(dev).eval()

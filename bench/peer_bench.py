@@ -62,15 +62,8 @@ from kdnb.core import Taps, seed_everything, pick_device
 from kdnb.data import load_data
 from kdnb.distill import Distiller, kd_objectives
 
-class Wrap(nn.Module):
-    "A timm model returning Taps(logits) for kdnb (the wrapped module is the one torchdistill trains directly)."
-    def __init__(self, m): super().__init__(); self.m = m
-    def forward(self, x): return Taps(logits=self.m(x))
-
-def make_models(data, teacher_arch, student_arch, dev):
-    seed_everything(1); t = timm.create_model(teacher_arch, num_classes=data.num_classes, in_chans=data.channels).to(dev).eval()
-    seed_everything(0); s = timm.create_model(student_arch, num_classes=data.num_classes, in_chans=data.channels).to(dev)
-    return t, s
+from kdnb.models import TapModel as Wrap     # Taps(logits) for kdnb; the wrapped module is the one torchdistill trains directly
+from harness_bench import make_models        # the same seeded teacher and student as the harness benchmark
 
 def tensor_datasets(data):
     "The normalized splits as in-memory TensorDatasets (x, y, idx): what torchdistill and the DataLoader variant read."
