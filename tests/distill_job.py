@@ -29,3 +29,5 @@ if __name__ == '__main__':
     if d.rank == 0:
         torch.save(d.student.state_dict(), f"{a.out}/student.pt")
         json.dump(res, open(f"{a.out}/result.json", 'w'), indent=1, default=float)
+    if torch.distributed.is_initialized():          # leave the process group cleanly (gloo threads abort the exit otherwise)
+        torch.distributed.barrier(); torch.distributed.destroy_process_group()
