@@ -5,7 +5,7 @@
 # %% ../nbs/01_data.ipynb #4509ef74
 from __future__ import annotations
 import hashlib, os, pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
 import torch
@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from .core import KdnbError, expect
 
 # %% auto #0
-__all__ = ['IMG_EXTS', 'DATASETS', 'project_root', 'data_dir', 'ImageData', 'stratified_split', 'resize_uint8',
-           'load_digits_data', 'load_cifar_data', 'write_fake_cifar', 'load_imagefolder_data', 'write_fake_imagefolder',
-           'load_data', 'TensorLoader', 'get_loaders']
+__all__ = ['IMG_EXTS', 'DATASETS', 'project_root', 'data_dir', 'ImageData', 'stratified_split', 'check_splits', 'resize_uint8',
+           'load_digits_data', 'load_cifar_data', 'stream_cifar_data', 'write_fake_cifar', 'load_imagefolder_data',
+           'stream_imagefolder_data', 'write_fake_imagefolder', 'load_data', 'TensorLoader', 'get_loaders',
+           'LazyImages', 'StreamData', 'Augmentation', 'StreamLoader', 'sample_shifts', 'shift_images', 'sample_crops',
+           'crop_flip']
 
 # %% ../nbs/01_data.ipynb #5d94d575
 def project_root() -> Path | None:
@@ -43,6 +45,7 @@ class ImageData:
     mean: torch.Tensor = None
     std: torch.Tensor = None
     fingerprint: str = ''
+    pixels: bool = False         # True: batches are pixels in [0, 1]; each model normalizes them itself
 
     @property
     def num_classes(self) -> int: return len(self.classes)
@@ -63,7 +66,8 @@ class ImageData:
             self.fingerprint = h.hexdigest()[:16]
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        "uint8 images -> normalized float."
+        "uint8 images -> normalized float (pixels in [0, 1] for `pixels` data, whose models normalize themselves)."
+        if self.pixels: return x.float() / 255
         m, s = self.mean.to(x.device), self.std.to(x.device)
         return (x.float() / 255 - m[:, None, None]) / s[:, None, None]
 
@@ -77,19 +81,46 @@ class ImageData:
         return (f"ImageData({self.name!r}, {self.num_classes} classes, {self.channels}x{self.size}x{self.size}, "
                 + ', '.join(f"{k}={len(v)}" for k, v in self.splits.items()) + f", fp={self.fingerprint})")
 
-# %% ../nbs/01_data.ipynb #28faf5a3
-def stratified_split(labels, fractions=(0.7, 0.15, 0.15), seed: int = 0, names=('train', 'val', 'test')) -> dict:
-    "Seeded stratified split of sample indices: every class keeps its proportions in every split."
+# %% ../nbs/01_data.ipynb #f0b944e3
+def stratified_split(labels, fractions=(0.7, 0.15, 0.15), seed: int = 0, names=('train', 'val', 'test'), classes=None) -> dict:
+    """Seeded stratified split of sample indices: every class keeps its proportions in every split.
+
+    Rule for small classes: every split with a non-zero fraction gets at least one sample of every class (taken from
+    the largest part); a class with fewer samples than such splits is a `KdnbError` naming the split and the counts."""
     labels = np.asarray(labels)
     expect(len(fractions) == len(names) and all(f >= 0 for f in fractions) and abs(sum(fractions) - 1) < 1e-6,
            'fractions', fractions, f"{len(names)} non-negative numbers summing to 1")
     rng = np.random.default_rng(seed)
+    need = [j for j, f in enumerate(fractions) if f > 0]
     out = {n: [] for n in names}
-    for c in np.unique(labels):
+    uniq, counts = np.unique(labels, return_counts=True)
+    small = {int(c): int(k) for c, k in zip(uniq, counts) if k < len(need)}
+    if small:
+        cname = lambda c: classes[c] if classes is not None and c < len(classes) else c
+        raise KdnbError(f"`splits`: the {names[need[-1]]!r} split would have no sample of {len(small)} class(es): "
+                        f"{ {cname(c): k for c, k in list(small.items())[:8]} } (images per class), expected at least "
+                        f"{len(need)} per class for the splits {[names[j] for j in need]}. Add images, or give the "
+                        f"splits as folders (root/train, root/val).")
+    for c in uniq:
         idx = rng.permutation(np.flatnonzero(labels == c))
         cuts = np.round(np.cumsum(fractions)[:-1] * len(idx)).astype(int)
-        for n, part in zip(names, np.split(idx, cuts)): out[n].append(part)
+        sizes = np.diff(np.concatenate([[0], cuts, [len(idx)]]))
+        for j in need:
+            if sizes[j] == 0: sizes[int(np.argmax(sizes))] -= 1; sizes[j] = 1
+        for n, part in zip(names, np.split(idx, np.cumsum(sizes)[:-1])): out[n].append(part)
     return {n: np.sort(np.concatenate(v)) for n, v in out.items()}
+
+def check_splits(splits: dict, labels, classes, where: str = 'data'):
+    "`KdnbError` naming the split and its class counts when a split is empty or lacks a class."
+    labels = np.asarray(labels)
+    for s, idx in splits.items():
+        cnt = np.bincount(labels[np.asarray(idx, dtype=np.int64)], minlength=len(classes))
+        miss = [classes[c] for c in np.flatnonzero(cnt == 0)]
+        if miss:
+            shown = {classes[c]: int(cnt[c]) for c in range(min(len(classes), 8))}
+            raise KdnbError(f"`splits`: split {s!r} of {where} has no sample of {len(miss)} class(es) {miss[:8]} "
+                            f"(class counts in {s!r}: {shown}{' ...' if len(classes) > 8 else ''}); expected every "
+                            f"class in every split. Add images of those classes to that split.")
 
 def _check_size(size):
     expect(isinstance(size, int) and not isinstance(size, bool) and 8 <= size <= 1024, 'size', size,
@@ -119,7 +150,7 @@ def load_digits_data(size: int = 32, channels: int = 1, seed: int = 0) -> ImageD
     return ImageData('digits', resize_uint8(imgs, size, channels), torch.as_tensor(d.target, dtype=torch.long),
                      stratified_split(d.target, seed=seed), [str(c) for c in d.target_names])
 
-# %% ../nbs/01_data.ipynb #3c4a0046
+# %% ../nbs/01_data.ipynb #43489633
 _CIFAR = {'cifar10': ('cifar-10-batches-py', [f'data_batch_{i}' for i in range(1, 6)], ['test_batch'],
                       b'labels', 'batches.meta', b'label_names'),
           'cifar100': ('cifar-100-python', ['train'], ['test'], b'fine_labels', 'meta', b'fine_label_names')}
@@ -127,10 +158,8 @@ _CIFAR = {'cifar10': ('cifar-10-batches-py', [f'data_batch_{i}' for i in range(1
 def _unpickle(p: Path): 
     with open(p, 'rb') as f: return pickle.load(f, encoding='bytes')
 
-def load_cifar_data(name: str = 'cifar10', root=None, size: int = 32, channels: int = 3, seed: int = 0) -> ImageData:
-    "CIFAR-10/100 from the standard python-format folder under `root` (default: the data folder)."
+def _cifar_dir(name, root) -> tuple:
     expect(name in _CIFAR, 'name', name, f"one of {sorted(_CIFAR)}")
-    _check_size(size); _check_channels(channels)
     folder, trn, tst, key, meta, mkey = _CIFAR[name]
     root = Path(root) if root is not None else data_dir()
     d = root if (root / tst[0]).exists() else root / folder
@@ -139,30 +168,65 @@ def load_cifar_data(name: str = 'cifar10', root=None, size: int = 32, channels: 
         raise KdnbError(f"`root`: no {name} found at {str(d)!r} (missing {missing[:3]}). Expected the extracted "
                         f"python-format archive there: put the folder '{folder}' (with {trn[0]}, ..., {tst[0]}) "
                         f"under {str(root)!r}, or pass root=... to where it is. kdnb never downloads data.")
+    return d, trn, tst, key, meta, mkey
+
+def _cifar_splits(y, n_tr, seed, classes, name):
+    tv = stratified_split(y[:n_tr], (0.9, 0.1), seed=seed, names=('train', 'val'), classes=classes)
+    splits = dict(tv, test=np.arange(n_tr, len(y)))
+    check_splits(splits, y, classes, name)
+    return splits
+
+def load_cifar_data(name: str = 'cifar10', root=None, size: int = 32, channels: int = 3, seed: int = 0) -> ImageData:
+    "CIFAR-10/100 from the standard python-format folder under `root` (default: the data folder), in memory."
+    _check_size(size); _check_channels(channels)
+    d, trn, tst, key, meta, mkey = _cifar_dir(name, root)
     parts = [_unpickle(d / f) for f in trn + tst]
     x = np.concatenate([p[b'data'] for p in parts]).reshape(-1, 3, 32, 32)
     y = np.concatenate([np.asarray(p[key]) for p in parts])
-    n_tr = sum(len(_unpickle(d / f)[key]) for f in trn) if len(trn) > 1 else len(parts[0][key])
-    tv = stratified_split(y[:n_tr], (0.9, 0.1), seed=seed, names=('train', 'val'))
-    splits = dict(tv, test=np.arange(n_tr, len(y)))
-    classes = [c.decode() for c in _unpickle(d / meta)[mkey]] if (d / meta).exists() else [str(i) for i in range(int(y.max()) + 1)]
-    return ImageData(name, resize_uint8(torch.from_numpy(x), size, channels), torch.as_tensor(y, dtype=torch.long), splits, classes)
+    n_tr = sum(len(p[key]) for p in parts[:len(trn)])
+    nc = 100 if name == 'cifar100' else 10
+    classes = [c.decode() for c in _unpickle(d / meta)[mkey]] if (d / meta).exists() else [str(i) for i in range(nc)]
+    return ImageData(name, resize_uint8(torch.from_numpy(x), size, channels), torch.as_tensor(y, dtype=torch.long),
+                     _cifar_splits(y, n_tr, seed, classes, name), classes)
 
-# %% ../nbs/01_data.ipynb #15016082
+def stream_cifar_data(name: str = 'cifar10', root=None, size: int = 32, channels: int = 3, seed: int = 0, workers: int = 2) -> StreamData:
+    "CIFAR-10/100 streamed: the pickles unpacked once into a uint8 memory map, rows decoded on read."
+    _check_size(size); _check_channels(channels)
+    d, trn, tst, key, meta, mkey = _cifar_dir(name, root)
+    arr, y = _cifar_memmap(d, name, trn + tst)
+    n_tr = sum(len(_unpickle(d / f)[key]) for f in trn) if len(trn) > 1 else len(_unpickle(d / trn[0])[key])
+    nc = 100 if name == 'cifar100' else 10
+    classes = [c.decode() for c in _unpickle(d / meta)[mkey]] if (d / meta).exists() else [str(i) for i in range(nc)]
+    return StreamData(name, LazyImages(array=arr, size=size, channels=channels), torch.as_tensor(y, dtype=torch.long),
+                      _cifar_splits(y, n_tr, seed, classes, name), classes, workers=workers)
+
+# %% ../nbs/01_data.ipynb #2bce7633
 def write_fake_cifar(root, name: str = 'cifar10', n_per_batch: int = 20, seed: int = 0) -> Path:
-    "Write a tiny random dataset in CIFAR's python format (for tests and examples)."
+    "Write a tiny random dataset in CIFAR's python format (for tests and examples); labels cycle through the classes."
     folder, trn, tst, key, meta, mkey = _CIFAR[name]
     d = Path(root) / folder; d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed); nc = 10 if name == 'cifar10' else 100
     for f in trn + tst:
         with open(d / f, 'wb') as fh:
             pickle.dump({b'data': rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
-                         key: list(rng.integers(0, nc, n_per_batch))}, fh)
+                         key: list(rng.permutation(np.arange(n_per_batch) % nc))}, fh)
     with open(d / meta, 'wb') as fh: pickle.dump({mkey: [f'class{i}'.encode() for i in range(nc)]}, fh)
     return d
 
-# %% ../nbs/01_data.ipynb #3e0d3749
+# %% ../nbs/01_data.ipynb #e2a420ef
 IMG_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+
+def _pil_open(path, mode: str):
+    "Decode one image file fully (PIL is lazy), naming the file in the error."
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert(mode)
+    except Exception as e:
+        raise KdnbError(f"`root`: image file {str(path)!r} cannot be decoded ({type(e).__name__}: {str(e)[:80]}). "
+                        f"Bad files are fatal: remove or replace it, or pass bad_images='skip' to load_data "
+                        f"(every file is then decoded once up front and the bad ones are left out).") from None
 
 def _scan(folder: Path):
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
@@ -172,69 +236,124 @@ def _scan(folder: Path):
 def _read(items, size, channels):
     from PIL import Image
     mode = 'L' if channels == 1 else 'RGB'
-    arr = [np.asarray(Image.open(f).convert(mode).resize((size, size), Image.BILINEAR)) for f, _ in items]
+    arr = [np.asarray(_pil_open(f, mode).resize((size, size), Image.BILINEAR)) for f, _ in items]
     x = torch.from_numpy(np.stack(arr))
     return x[:, None] if channels == 1 else x.permute(0, 3, 1, 2).contiguous()
 
-def load_imagefolder_data(root, size: int = 32, channels: int = 3, seed: int = 0) -> ImageData:
-    "An ImageFolder tree (`root/<class>/*` or `root/{train,val,test}/<class>/*`) read with PIL."
-    _check_size(size); _check_channels(channels)
+def _folder_index(root, seed: int = 0, bad_images: str = 'error') -> tuple:
+    "`(classes, items, splits, skipped)` of an ImageFolder tree; splits stratified and never missing a class."
+    expect(bad_images in ('error', 'skip'), 'bad_images', bad_images, "'error' (a bad file is fatal) or 'skip'")
     root = Path(root)
     if not root.is_dir():
         raise KdnbError(f"`root`: {str(root)!r} is not a folder. Expected an ImageFolder tree: root/<class>/<image> "
                         f"or root/train/<class>/<image> with root/test/<class>/<image>.")
+    skipped = []
+    def keep(items):
+        if bad_images == 'error': return items
+        good = []
+        for f, c in items:
+            try: _pil_open(f, 'RGB'); good.append((f, c))
+            except KdnbError: skipped.append(str(f))
+        return good
     if (root / 'train').is_dir():
         classes, tr = _scan(root / 'train')
-        parts = {'train': tr}
+        parts = {'train': keep(tr)}
         for s in ('val', 'test'):
             if (root / s).is_dir():
                 c2, it = _scan(root / s)
                 expect(c2 == classes, 'root', str(root / s), f"the same class folders as train/ ({classes})")
-                parts[s] = it
+                parts[s] = keep(it)
         items = [it for s in parts for it in parts[s]]
         offs = np.cumsum([0] + [len(parts[s]) for s in parts])
         splits = {s: np.arange(offs[i], offs[i + 1]) for i, s in enumerate(parts)}
-        if 'val' not in splits:
+        if 'val' not in splits and items:
             ys = np.array([c for _, c in parts['train']])
-            tv = stratified_split(ys, (0.9, 0.1), seed=seed, names=('train', 'val'))
+            tv = stratified_split(ys, (0.9, 0.1), seed=seed, names=('train', 'val'), classes=classes)
             splits.update(train=splits['train'][tv['train']], val=splits['train'][tv['val']])
-        if 'test' not in splits: splits['test'] = splits['val']
+        if 'test' not in splits: splits['test'] = splits.get('val')
     else:
         classes, items = _scan(root)
-        splits = stratified_split([c for _, c in items], seed=seed) if items else {}
+        items = keep(items)
+        splits = stratified_split([c for _, c in items], seed=seed, classes=classes) if items else {}
     if not items:
         raise KdnbError(f"`root`: no images ({', '.join(IMG_EXTS)}) found under {str(root)!r}. Expected "
                         f"root/<class>/<image> or root/train/<class>/<image>.")
-    return ImageData(f'imagefolder:{root.name}', _read(items, size, channels),
+    check_splits(splits, [c for _, c in items], classes, f'imagefolder {root.name!r}')
+    return classes, items, splits, skipped
+
+def load_imagefolder_data(root, size: int = 32, channels: int = 3, seed: int = 0, bad_images: str = 'error') -> ImageData:
+    "An ImageFolder tree (`root/<class>/*` or `root/{train,val,test}/<class>/*`) read with PIL into memory."
+    _check_size(size); _check_channels(channels)
+    classes, items, splits, skipped = _folder_index(root, seed, bad_images)
+    return ImageData(f'imagefolder:{Path(root).name}', _read(items, size, channels),
                      torch.as_tensor([c for _, c in items], dtype=torch.long), splits, classes)
 
-# %% ../nbs/01_data.ipynb #c93cd100
-def write_fake_imagefolder(root, classes=('cat', 'dog'), n: int = 10, size: int = 20, seed: int = 0) -> Path:
-    "Write a tiny ImageFolder tree of random PNGs (for tests and examples)."
+def stream_imagefolder_data(root, size: int = 224, channels: int = 3, seed: int = 0, workers: int = 2,
+                            bad_images: str = 'error', crop_pct: float = 1.0) -> StreamData:
+    "An ImageFolder tree streamed: only the file list in memory; images decoded in loader workers."
+    _check_size(size); _check_channels(channels)
+    classes, items, splits, skipped = _folder_index(root, seed, bad_images)
+    d = StreamData(f'imagefolder:{Path(root).name}', LazyImages([f for f, _ in items], size=size, channels=channels, crop_pct=crop_pct),
+                   torch.as_tensor([c for _, c in items], dtype=torch.long), splits, classes, workers=workers)
+    d.skipped = skipped
+    return d
+
+# %% ../nbs/01_data.ipynb #c8a44173
+def write_fake_imagefolder(root, classes=('cat', 'dog'), n: int = 10, size: int = 20, seed: int = 0, ext: str = '.png') -> Path:
+    "Write a tiny ImageFolder tree of random images (PNG or JPEG by `ext`; for tests and examples)."
     from PIL import Image
     rng = np.random.default_rng(seed); root = Path(root)
     for c in classes:
         (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(n): Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / c / f'{i}.png')
+        for i in range(n): Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / c / f'{i}{ext}')
     return root
 
-# %% ../nbs/01_data.ipynb #e0a30183
+# %% ../nbs/01_data.ipynb #a235a216
 DATASETS = ('digits', 'cifar10', 'cifar100', 'imagefolder')
 
-def load_data(name: str = 'digits', root=None, size: int = 32, channels: int | None = None, seed: int = 0) -> ImageData:
-    "Load a dataset by name: 'digits' (embedded default), 'cifar10', 'cifar100', 'imagefolder' (needs `root`)."
+def _stream_auto(name, root, size, channels) -> bool:
+    "Stream when the decoded set would exceed `$KDNB_STREAM_BYTES` (default 2 GB) in memory."
+    limit = float(os.environ.get('KDNB_STREAM_BYTES', 2e9))
+    if name == 'digits': return False
+    if name in _CIFAR: n = 60000
+    else:
+        r = Path(root); n = sum(1 for _ in r.rglob('*')) if r.is_dir() else 0
+    return n * (channels or 3) * size * size > limit
+
+def load_data(name: str = 'digits', root=None, size: int = 32, channels: int | None = None, seed: int = 0,
+              stream: bool | None = None, workers: int = 2, bad_images: str = 'error', augment: Augmentation | None = None) -> ImageData:
+    """Load a dataset by name: 'digits' (embedded default), 'cifar10', 'cifar100', 'imagefolder' (needs `root`).
+
+    `stream`: True serves it through `StreamLoader` (lazy decode, worker processes, uint8 pixels for models with an
+    input config), False holds it in memory; None chooses by the decoded size (in memory below 2 GB)."""
     expect(isinstance(name, str) and name in DATASETS, 'name', name, f"one of {list(DATASETS)}")
     _check_size(size)
     if channels is not None: _check_channels(channels)
-    if name == 'digits': return load_digits_data(size, channels or 1, seed)
+    expect(stream in (None, True, False), 'stream', stream, 'None (automatic), True or False')
+    expect(augment is None or isinstance(augment, Augmentation), 'augment', augment, 'None or a kdnb.data.Augmentation')
+    if name == 'imagefolder':
+        expect(root is not None, 'root', root, "a path to an ImageFolder tree for name='imagefolder'",
+               hint=f"For example root='{data_dir() / 'my_images'}'.")
+    if stream is None: stream = _stream_auto(name, root, size, channels)
+    if name == 'digits':
+        expect(not stream, 'stream', stream, "False for 'digits' (it is embedded and tiny)")
+        return load_digits_data(size, channels or 1, seed)
+    if stream:
+        d = (stream_cifar_data(name, root, size, channels or 3, seed, workers) if name in _CIFAR
+             else stream_imagefolder_data(root, size, channels or 3, seed, workers, bad_images))
+        d.augment = augment
+        return d
+    expect(augment is None, 'augment', augment, 'None for in-memory data (timm augmentation needs stream=True)')
     if name in _CIFAR: return load_cifar_data(name, root, size, channels or 3, seed)
-    expect(root is not None, 'root', root, "a path to an ImageFolder tree for name='imagefolder'",
-           hint=f"For example root='{data_dir() / 'my_images'}'.")
-    return load_imagefolder_data(root, size, channels or 3, seed)
+    return load_imagefolder_data(root, size, channels or 3, seed, bad_images)
 
 # %% ../nbs/01_data.ipynb #2d945d00
 class TensorLoader:
-    "Batches `(x, y, idx)` of one split of an `ImageData`, normalized, optionally on `device`."
+    "Batches `(x, y, idx)` of one split of an `ImageData`, normalized, optionally on `device` (a `StreamLoader` for `StreamData`)."
+    def __new__(cls, data=None, *args, **kwargs):
+        if getattr(data, 'streamed', False): return StreamLoader(data, *args, **kwargs)   # StreamData (below)
+        return super().__new__(cls)
+
     def __init__(self, data: ImageData, split: str = 'train', batch_size: int = 128, shuffle: bool | None = None,
                  seed: int = 0, drop_last: bool = False, device=None, rank: int = 0, world_size: int = 1):
         expect(split in data.splits, 'split', split, f"one of {sorted(data.splits)}")
@@ -276,3 +395,321 @@ class TensorLoader:
 def get_loaders(data: ImageData, batch_size: int = 128, seed: int = 0, device=None, **kwargs) -> dict:
     "A `TensorLoader` per split (train shuffled, others in order)."
     return {s: TensorLoader(data, s, batch_size, seed=seed, device=device, **kwargs) for s in data.splits}
+
+# %% ../nbs/01_data.ipynb #ce158e3f
+def _decode_tf(size: int, crop_pct: float = 1.0):
+    "The deterministic PIL stages of timm's eval transform (resize, centre crop), without tensor conversion or normalization."
+    from timm.data import create_transform
+    tf = create_transform(size, is_training=False, crop_pct=crop_pct, interpolation='bilinear', use_prefetcher=True)
+    return [t for t in tf.transforms if 'ToTensor' not in type(t).__name__]
+
+def _to_uint8(im, channels: int) -> torch.Tensor:
+    a = np.asarray(im, dtype=np.uint8)
+    return torch.from_numpy(a.copy())[None] if channels == 1 else torch.from_numpy(a.transpose(2, 0, 1).copy())
+
+class LazyImages:
+    "Images decoded on read: `images[idx]` -> uint8 `(n, C, S, S)`, from image files or a uint8 memory map."
+    def __init__(self, files=None, array: dict | None = None, size: int = 32, channels: int = 3, crop_pct: float = 1.0):
+        _check_size(size); _check_channels(channels)
+        self.files = [str(f) for f in files] if files is not None else None
+        self.array, self.size, self.channels, self.crop_pct = array, size, channels, crop_pct
+        self._mm, self._tf = None, None
+        self.n = len(self.files) if self.files is not None else int(array['shape'][0])
+
+    def __getstate__(self): return {**self.__dict__, '_mm': None, '_tf': None}   # workers reopen the memory map
+    def __len__(self): return self.n
+    @property
+    def shape(self): return (self.n, self.channels, self.size, self.size)
+
+    def pil(self, i: int):
+        "Sample `i` as a PIL image (RGB or L), undecoded size."
+        from PIL import Image
+        mode = 'L' if self.channels == 1 else 'RGB'
+        if self.files is not None: return _pil_open(self.files[i], mode)
+        if self._mm is None: self._mm = np.memmap(self.array['path'], np.uint8, 'r', shape=tuple(self.array['shape']))
+        return Image.fromarray(np.ascontiguousarray(self._mm[i].transpose(1, 2, 0))).convert(mode)
+
+    def decode(self, i: int, pil=None) -> torch.Tensor:
+        "Sample `i` (or the PIL image `pil`) decoded to uint8 `(C, S, S)` by the deterministic resize + centre crop."
+        if self._tf is None: self._tf = _decode_tf(self.size, self.crop_pct)
+        im = self.pil(i) if pil is None else pil
+        for t in self._tf: im = t(im)
+        return _to_uint8(im, self.channels)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        idx = torch.as_tensor(idx).reshape(-1).tolist()
+        return torch.stack([self.decode(int(i)) for i in idx]) if idx else torch.empty(0, *self.shape[1:], dtype=torch.uint8)
+
+# %% ../nbs/01_data.ipynb #0241464a
+@dataclass(repr=False)
+class StreamData(ImageData):
+    "An `ImageData` whose `images` decode on read (`LazyImages`); its batches are uint8 pixels for models with an input config."
+    workers: int = 2
+    augment: object = None
+    skipped: list = field(default_factory=list)
+    streamed = True                  # TensorLoader(data, ...) hands out a StreamLoader
+
+    def __post_init__(self):
+        self.pixels = True
+        if self.mean is None:            # statistics of up to 256 training images (decoded once)
+            tr = np.asarray(self.splits['train'])
+            pick = tr[np.linspace(0, len(tr) - 1, min(len(tr), 256)).astype(int)]
+            x = self.images[pick].float() / 255
+            self.mean, self.std = x.mean((0, 2, 3)), x.std((0, 2, 3)).clamp_min(1e-3)
+        if not self.fingerprint:
+            h = hashlib.sha1(f"{self.name}|{self.images.shape}|{self.classes}|{self.images.crop_pct}".encode())
+            src = self.images.files if self.images.files is not None else [self.images.array['path']]
+            for f in src:
+                st = os.stat(f); h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+            if self.images.array is not None: h.update(self.images.array.get('sha1', '').encode())
+            h.update(self.labels.numpy().tobytes())
+            for k in sorted(self.splits): h.update(k.encode()); h.update(np.asarray(self.splits[k], dtype=np.int64).tobytes())
+            self.fingerprint = h.hexdigest()[:16]
+
+    def __repr__(self): return 'Stream' + super().__repr__() + f" [streamed, {self.workers} workers]"
+
+# %% ../nbs/01_data.ipynb #a3aed49c
+def _cifar_memmap(d: Path, name: str, parts_files: list) -> dict:
+    "Unpack CIFAR pickles once into `<data folder>/cache/<name>-<sha1>.u8` (uint8 N x 3 x 32 x 32); returns its description."
+    h = hashlib.sha1()
+    for f in parts_files: st = (d / f).stat(); h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+    key = h.hexdigest()[:12]
+    out = data_dir() / 'cache' / f'{name}-{key}.u8'; lab = out.with_suffix('.labels.npy')
+    if not (out.exists() and lab.exists()):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        xs, ys = [], []
+        for f in parts_files:
+            p = _unpickle(d / f); xs.append(np.asarray(p[b'data'], dtype=np.uint8)); ys.append(np.asarray(p[_CIFAR[name][3]]))
+        x = np.concatenate(xs); tmp = out.with_suffix('.tmp')
+        x.tofile(tmp); np.save(lab.with_suffix('.tmp.npy'), np.concatenate(ys))
+        os.replace(lab.with_suffix('.tmp.npy'), lab); os.replace(tmp, out)
+    y = np.load(lab)
+    return dict(path=str(out), shape=(len(y), 3, 32, 32), sha1=key), y
+
+# %% ../nbs/01_data.ipynb #db64404a
+@dataclass(frozen=True)
+class Augmentation:
+    "Training augmentation built by timm (`create_transform`, `Mixup`); crop boxes and flips applied are recorded."
+    policy: str = 'none'                 # 'none' | 'rrc_flip'
+    scale: tuple = (0.08, 1.0)
+    ratio: tuple = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    auto_augment: str | None = None      # timm names: 'rand-m9-mstd0.5', 'trivialaugment', 'augmix-m5-w4-d2', ...
+    color_jitter: float | None = None
+    mixup: float = 0.0                   # Beta(alpha, alpha) of mixup; 0: off
+    cutmix: float = 0.0
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        expect(self.policy in ('none', 'rrc_flip'), 'augment', self.policy, "'none' or 'rrc_flip'")
+        expect(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1, 'scale', self.scale, '(min, max) with 0 < min <= max <= 1')
+        expect(0 <= self.hflip <= 1, 'hflip', self.hflip, 'a probability in [0, 1]')
+        expect(self.mixup >= 0 and self.cutmix >= 0, 'mixup', (self.mixup, self.cutmix), 'alphas >= 0 (0: off)')
+
+    @property
+    def mixes(self) -> bool: return self.mixup > 0 or self.cutmix > 0
+
+    def to_dict(self) -> dict: return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    def transform(self, size: int, channels: int = 3):
+        "A picklable per-sample transform `PIL -> (uint8 (C, S, S), view (5,))` from timm's training transform."
+        return _RecordedTransform(self, size, channels)
+
+    def mixer(self, num_classes: int):
+        "timm's `Mixup` for this policy (None without mixing)."
+        if not self.mixes: return None
+        from timm.data import Mixup
+        return Mixup(mixup_alpha=self.mixup, cutmix_alpha=self.cutmix, label_smoothing=self.label_smoothing, num_classes=num_classes)
+
+    def check_cached(self, where: str = 'teachers'):
+        "`KdnbError` where cached teacher outputs cannot be right for this augmentation."
+        if self.mixes:
+            raise KdnbError(f"`{where}`: mixup={self.mixup} / cutmix={self.cutmix} with cached teacher targets; expected online "
+                            f"teachers (a TeacherBank) with mixing: a mixed image's teacher output is not a mix of cached "
+                            f"outputs. Use online teachers, or set mixup=0, cutmix=0.")
+        if self.auto_augment or self.color_jitter:
+            raise KdnbError(f"`{where}`: auto_augment={self.auto_augment!r} / color_jitter={self.color_jitter} with cached "
+                            f"teacher targets; a cache replays crops and flips only. Use online teachers or drop them.")
+
+    def cache_views(self) -> dict:
+        "What a cache with views replays (its spec records this)."
+        return dict(policy=self.policy, scale=list(self.scale), ratio=[round(r, 6) for r in self.ratio], hflip=self.hflip)
+
+
+class _RecordedFlip:
+    def __init__(self, p, rec): self.p, self.rec = p, rec
+    def __call__(self, img):
+        from PIL import Image
+        f = bool(torch.rand(1) < self.p); self.rec['flip'] = float(f)
+        return img.transpose(Image.FLIP_LEFT_RIGHT) if f else img
+
+class _RecordedTransform:
+    "timm's training transform with its crop box and flip recorded for every sample."
+    def __init__(self, aug: Augmentation, size: int, channels: int):
+        self.aug, self.size, self.channels, self._tf = aug, size, channels, None
+
+    def __getstate__(self): return {**self.__dict__, '_tf': None}
+
+    def _build(self):
+        from timm.data import create_transform
+        self.rec = {}
+        if self.aug.policy == 'none':
+            self._tf = _decode_tf(self.size); return
+        pri, sec, fin = create_transform(self.size, is_training=True, scale=self.aug.scale, ratio=self.aug.ratio, hflip=self.aug.hflip,
+                                         auto_augment=self.aug.auto_augment, color_jitter=self.aug.color_jitter or 0,
+                                         interpolation='bilinear', use_prefetcher=True, separate=True)
+        stages = []
+        for t in list(pri.transforms):
+            if type(t).__name__ == 'RandomResizedCropAndInterpolation':
+                get = type(t).get_params
+                def rec_params(img, scale, ratio, _get=get):
+                    i, j, h, w = _get(img, scale, ratio); W, H = img.size
+                    self.rec.update(box=(i / H, j / W, h / H, w / W)); return i, j, h, w
+                t.get_params = rec_params
+                stages.append(t)
+            elif type(t).__name__ == 'RandomHorizontalFlip': stages.append(_RecordedFlip(t.p, self.rec))
+            else: stages.append(t)
+        self._tf = stages + list(sec.transforms)
+
+    def __call__(self, img):
+        if self._tf is None: self._build()
+        self.rec.clear(); self.rec.update(box=(0.0, 0.0, 1.0, 1.0), flip=0.0)
+        for t in self._tf: img = t(img)
+        return _to_uint8(img, self.channels), torch.tensor([*self.rec['box'], self.rec['flip']], dtype=torch.float32)
+
+# %% ../nbs/01_data.ipynb #ec2811fe
+class _SplitSet(torch.utils.data.Dataset):
+    "Sample `i` -> `(uint8 image, label, i, view)`; decoded (and augmented) in a worker process."
+    def __init__(self, images: LazyImages, labels: torch.Tensor, transform=None):
+        self.images, self.labels, self.transform = images, labels, transform
+    def __len__(self): return len(self.images)
+    def __getitem__(self, i):
+        if self.transform is None:
+            return self.images.decode(i), self.labels[i], i, torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0])
+        x, v = self.transform(self.images.pil(i))
+        return x, self.labels[i], i, v
+
+class _OrderSampler(torch.utils.data.Sampler):
+    def __init__(self, loader): self.loader = loader
+    def __iter__(self): return iter(self.loader.order().tolist())
+    def __len__(self): return len(self.loader.order())
+
+def _collate(batch):
+    x, y, i, v = zip(*batch)
+    return torch.stack(x), torch.stack([torch.as_tensor(t) for t in y]), torch.as_tensor(i, dtype=torch.long), torch.stack(v)
+
+class StreamLoader:
+    """Batches `(x, y, idx)` of a `StreamData` split through a `torch.utils.data.DataLoader`: uint8 pixels decoded in
+    `workers` processes (persistent, pinned memory, non-blocking copies). Train batches are augmented by
+    `data.augment` (timm); the views applied are in `self.views`."""
+    def __init__(self, data: StreamData, split: str = 'train', batch_size: int = 128, shuffle: bool | None = None,
+                 seed: int = 0, drop_last: bool = False, device=None, rank: int = 0, world_size: int = 1,
+                 workers: int | None = None, augment: Augmentation | None | bool = None):
+        expect(isinstance(data, StreamData), 'data', type(data).__name__, 'a StreamData (load_data(..., stream=True))')
+        expect(split in data.splits, 'split', split, f"one of {sorted(data.splits)}")
+        expect(isinstance(batch_size, int) and batch_size > 0, 'batch_size', batch_size, 'a positive int')
+        expect(0 <= rank < world_size, 'rank', rank, f"0 <= rank < world_size ({world_size})")
+        self.data, self.split, self.bs, self.seed, self.drop_last = data, split, batch_size, seed, drop_last
+        self.shuffle = (split == 'train') if shuffle is None else shuffle
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+        self.idx = torch.as_tensor(data.splits[split], dtype=torch.long)
+        self.device = torch.device(device) if device is not None else torch.device('cpu')
+        aug = (data.augment if split == 'train' else None) if augment is None or augment is True else (augment or None)
+        self.augment = aug if isinstance(aug, Augmentation) else None
+        self.mixer = self.augment.mixer(data.num_classes) if self.augment is not None else None
+        if self.mixer is not None:
+            expect(batch_size % 2 == 0 and drop_last, 'batch_size', (batch_size, drop_last), 'an even batch size with drop_last=True (mixup pairs each sample with another)')
+        self.workers = data.workers if workers is None else workers
+        expect(isinstance(self.workers, int) and self.workers >= 0, 'workers', self.workers, 'an int >= 0 (0: decode in this process)')
+        tf = self.augment.transform(data.size, data.channels) if self.augment is not None and self.augment.policy != 'none' else None
+        self.dl = torch.utils.data.DataLoader(_SplitSet(data.images, data.labels, tf), batch_size=batch_size,
+                                              sampler=_OrderSampler(self), drop_last=drop_last, num_workers=self.workers,
+                                              collate_fn=_collate, pin_memory=self.device.type == 'cuda',
+                                              persistent_workers=self.workers > 0, prefetch_factor=4 if self.workers else None)
+        self.views = None
+
+    def set_epoch(self, epoch: int): self.epoch = epoch
+
+    def order(self) -> torch.Tensor:
+        "Sample indices of this epoch (this rank's shard); the same order as a `TensorLoader`'s."
+        idx = self.idx
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            idx = idx[torch.randperm(len(idx), generator=g)]
+        if self.world_size > 1:
+            n = len(idx) // self.world_size * self.world_size if self.drop_last else len(idx)
+            idx = idx[:n][self.rank::self.world_size]
+        return idx
+
+    def __len__(self):
+        n = len(self.idx) // self.world_size if self.world_size > 1 else len(self.idx)
+        return n // self.bs if self.drop_last else -(-n // self.bs)
+
+    def __iter__(self):
+        nb = self.device.type == 'cuda'
+        for x, y, i, v in self.dl:
+            x, y = x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
+            self.views = v
+            if self.mixer is not None:
+                x, y = self.mixer(x.float() / 255, y)           # soft targets; teachers online see the mixed image
+            yield x, y, i
+
+    def __repr__(self): return f"StreamLoader({self.split}, {len(self)} batches of {self.bs}, {self.workers} workers, augment={self.augment})"
+
+# %% ../nbs/01_data.ipynb #c966fd85
+def sample_shifts(n: int, max_shift: int = 2, generator: torch.Generator | None = None) -> torch.Tensor:
+    "`(n, 2)` int8 shifts (rows, columns), uniform in [-max_shift, max_shift]."
+    expect(isinstance(max_shift, int) and 0 <= max_shift <= 127, 'max_shift', max_shift, 'an int in [0, 127]')
+    return (torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator) - max_shift).to(torch.int8)
+
+def shift_images(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    "Translate each image of `x` (B, C, H, W) by its `(dy, dx)` in `shifts` (B, 2); edges are replicated."
+    expect(shifts.shape == (x.shape[0], 2), 'shifts', tuple(shifts.shape), f"shape ({x.shape[0]}, 2), one (dy, dx) per image")
+    s = shifts.to(device=x.device, dtype=torch.long)
+    m = int(s.abs().max()) if s.numel() else 0
+    if m == 0: return x
+    B, C, H, W = x.shape
+    xp = F.pad(x, (m, m, m, m), mode='replicate')
+    rows = (m - s[:, 0:1] + torch.arange(H, device=x.device))[:, :, None].expand(B, H, W)
+    cols = (m - s[:, 1:2] + torch.arange(W, device=x.device))[:, None, :].expand(B, H, W)
+    return xp[torch.arange(B, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+
+# %% ../nbs/01_data.ipynb #e5ddaa0a
+def sample_crops(n: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    "`(n, 5)` float32 views `(top, left, height, width, flip)`: Inception-style random resized crop boxes (fractions of the image) and flips."
+    expect(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, 'scale', scale, 'a (min, max) area fraction with 0 < min <= max <= 1')
+    expect(len(ratio) == 2 and 0 < ratio[0] <= ratio[1], 'ratio', ratio, 'a (min, max) aspect ratio with 0 < min <= max')
+    expect(0 <= hflip <= 1, 'hflip', hflip, 'a flip probability in [0, 1]')
+    u = lambda *s: torch.rand(*s, generator=generator, dtype=torch.float64)
+    tries = 10                               # the algorithm of torchvision's RandomResizedCrop, vectorized
+    area = scale[0] + (scale[1] - scale[0]) * u(n, tries)
+    logr = np.log(ratio[0]) + (np.log(ratio[1]) - np.log(ratio[0])) * u(n, tries)
+    w, h = (area * logr.exp()).sqrt(), (area / logr.exp()).sqrt()
+    ok = (w <= 1) & (h <= 1)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+    r = torch.arange(n)
+    hh, ww = h[r, first.clamp_min(0)], w[r, first.clamp_min(0)]
+    fallback = first < 0                     # no try fits: the central crop at the nearest allowed ratio
+    fr = torch.full((n,), float(min(max(1.0, ratio[0]), ratio[1])), dtype=torch.float64)
+    hh = torch.where(fallback, torch.where(fr >= 1, 1 / fr, torch.ones_like(fr)), hh)
+    ww = torch.where(fallback, torch.where(fr >= 1, torch.ones_like(fr), fr), ww)
+    top, left = (1 - hh) * u(n), (1 - ww) * u(n)
+    top = torch.where(fallback, (1 - hh) / 2, top); left = torch.where(fallback, (1 - ww) / 2, left)
+    flip = (u(n) < hflip).double()
+    return torch.stack([top, left, hh, ww, flip], 1).float()
+
+def crop_flip(x: torch.Tensor, views: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    "Each image of `x` (B, C, H, W; uint8 pixels or float) cropped to its view's box, flipped if asked, resized to `size` (bilinear): float out."
+    expect(isinstance(views, torch.Tensor) and views.shape == (x.shape[0], 5), 'views', tuple(getattr(views, 'shape', ())),
+           f"shape ({x.shape[0]}, 5): one (top, left, height, width, flip) per image")
+    size = size or x.shape[-1]
+    v = views.to(x.device, torch.float32)
+    top, left, h, w, flip = v.unbind(1)
+    sx = torch.where(flip > 0.5, -w, w)      # grid coordinates are in [-1, 1]: the box centre and half-extent
+    theta = torch.zeros(len(x), 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 0, 2] = sx, 2 * left + w - 1
+    theta[:, 1, 1], theta[:, 1, 2] = h, 2 * top + h - 1
+    xf = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    grid = F.affine_grid(theta, (len(x), x.shape[1], size, size), align_corners=False)
+    return F.grid_sample(xf, grid, mode='bilinear', padding_mode='border', align_corners=False)
