@@ -5,15 +5,18 @@
 # %% ../nbs/02_models.ipynb #4b47773f
 from __future__ import annotations
 import difflib, hashlib, json
+from dataclasses import dataclass
 from pathlib import Path
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import timm
 from .core import Taps, TAP_NAMES, KdnbError, expect, Registry
 
 # %% auto #0
-__all__ = ['ARCHS', 'register_arch', 'available_taps', 'attention_probs', 'TapModel', 'resolve_arch', 'create_model',
-           'unfused_attention_reference', 'tap_shapes', 'full_taps_model', 'save_weights', 'weights_hash']
+__all__ = ['ARCHS', 'register_arch', 'available_taps', 'attention_probs', 'InputConfig', 'resolve_input_config', 'preprocess',
+           'check_input_size', 'TapModel', 'resolve_arch', 'create_model', 'unfused_attention_reference', 'tap_shapes',
+           'full_taps_model', 'save_weights', 'weights_hash']
 
 # %% ../nbs/02_models.ipynb #a8bebfde
 ARCHS = Registry('arch')
@@ -128,10 +131,81 @@ def attention_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Ten
     "softmax(q k^T * scale) over keys for `(B, heads, N, head_dim)` q and k (Vaswani et al., NeurIPS 2017, arXiv:1706.03762)."
     return ((q.float() * scale) @ k.float().transpose(-2, -1)).softmax(-1)
 
+# %% ../nbs/02_models.ipynb #1ea4ec88
+@dataclass(frozen=True)
+class InputConfig:
+    "What one model takes: `size` x `size` images normalized with `mean`/`std` (per channel), resized with `interpolation`."
+    size: int
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+    interpolation: str = 'bilinear'
+
+    def __post_init__(self):
+        expect(isinstance(self.size, int) and not isinstance(self.size, bool) and 8 <= self.size <= 1024, 'size', self.size,
+               'an int image side between 8 and 1024')
+        expect(len(self.mean) == len(self.std) and len(self.mean) in (1, 3) and all(s > 0 for s in self.std), 'std',
+               (self.mean, self.std), 'mean and std of 1 or 3 channels, std > 0')
+        expect(self.interpolation in ('bilinear', 'bicubic', 'nearest'), 'interpolation', self.interpolation, "'bilinear', 'bicubic' or 'nearest'")
+
+    def to_dict(self) -> dict: return dict(size=self.size, mean=[float(v) for v in self.mean], std=[float(v) for v in self.std], interpolation=self.interpolation)
+
+    @classmethod
+    def of(cls, cfg) -> 'InputConfig':
+        "An `InputConfig` from an `InputConfig`, a dict (`size` or timm's `input_size`) or None."
+        if cfg is None or isinstance(cfg, InputConfig): return cfg
+        expect(isinstance(cfg, dict), 'input', cfg, "an InputConfig or a dict with 'size' (or 'input_size'), 'mean', 'std'")
+        size = cfg.get('size', cfg.get('input_size', [None])[-1] if cfg.get('input_size') else None)
+        interp = cfg.get('interpolation', 'bilinear'); interp = interp if interp in ('bilinear', 'bicubic', 'nearest') else 'bilinear'
+        return cls(size, tuple(float(v) for v in cfg.get('mean', cls.mean)), tuple(float(v) for v in cfg.get('std', cls.std)), interp)
+
+def resolve_input_config(model: nn.Module | None = None, explicit=None, meta: dict | None = None, size: int | None = None) -> InputConfig:
+    "A model's `InputConfig`: `explicit` (dict or InputConfig), else `meta['input']` (checkpoint metadata), else timm's `resolve_data_config`; `size` overrides the size."
+    cfg = InputConfig.of(explicit) if explicit is not None else InputConfig.of((meta or {}).get('input'))
+    if cfg is None:
+        from timm.data import resolve_data_config
+        m = model.model if isinstance(model, TapModel) else model
+        expect(m is not None, 'model', None, 'a model (or an explicit input config)')
+        cfg = InputConfig.of(resolve_data_config({}, model=m))
+    if size is not None and size != cfg.size: cfg = InputConfig(size, cfg.mean, cfg.std, cfg.interpolation)
+    return cfg
+
+def preprocess(x: torch.Tensor, cfg: InputConfig) -> torch.Tensor:
+    "Pixels (uint8 [0, 255] or float [0, 1], `(B, C, H, W)`) -> the float input `cfg` specifies: resized, then normalized, on `x`'s device."
+    expect(isinstance(x, torch.Tensor) and x.ndim == 4, 'x', tuple(getattr(x, 'shape', ())), 'a (B, C, H, W) batch of pixels')
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    C = len(cfg.mean)
+    if x.shape[1] != C:
+        expect(x.shape[1] == 1 and C == 3, 'x', tuple(x.shape), f"{C} channels for this model (or 1, repeated)")
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[-2:] != (cfg.size, cfg.size):
+        down = x.shape[-1] > cfg.size and cfg.interpolation != 'nearest'
+        x = F.interpolate(x, size=(cfg.size, cfg.size), mode=cfg.interpolation, antialias=down,
+                          **({} if cfg.interpolation == 'nearest' else dict(align_corners=False)))
+    m = torch.tensor(cfg.mean, device=x.device).view(1, -1, 1, 1); s = torch.tensor(cfg.std, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+def check_input_size(model: nn.Module, size: int, arch: str = 'model'):
+    "`KdnbError` when `model` cannot take `size` x `size` images: a patch grid that does not divide or a fixed position grid, or a CNN downsampling below one pixel."
+    m = model.model if isinstance(model, TapModel) else model
+    pe = getattr(m, 'patch_embed', None)
+    if pe is not None and hasattr(pe, 'patch_size'):
+        p = pe.patch_size[0] if isinstance(pe.patch_size, (tuple, list)) else pe.patch_size
+        expect(size % p == 0, 'img_size', size, f"a multiple of {arch}'s patch size {p}")
+        fixed = getattr(pe, 'img_size', None)
+        dyn = getattr(pe, 'dynamic_img_size', False) or getattr(pe, 'dynamic_img_pad', False) or getattr(m, 'dynamic_img_size', False)
+        if fixed is not None and not dyn:
+            f0 = fixed[0] if isinstance(fixed, (tuple, list)) else fixed
+            expect(f0 == size, 'img_size', size, f"{f0}, the size {arch} was built for (fixed position embeddings); "
+                   f"build it with img_size={size} or dynamic_img_size=True")
+        return
+    red = max([f.get('reduction', 1) for f in getattr(m, 'feature_info', []) or [{}]])
+    expect(size >= red, 'img_size', size, f"at least {red} px: {arch} downsamples by {red}")
+
 # %% ../nbs/02_models.ipynb #d6ce7308
 class TapModel(nn.Module):
     "A timm model whose forward returns `Taps`, computing only the taps chosen up front."
-    def __init__(self, model: nn.Module, taps=('logits',), feature_names=None, attn_blocks=None, arch: str | None = None):
+    def __init__(self, model: nn.Module, taps=('logits',), feature_names=None, attn_blocks=None, arch: str | None = None,
+                 input_config=None):
         super().__init__()
         self.model, self.arch = model, arch or type(model).__name__
         taps = (taps,) if isinstance(taps, str) else tuple(taps) if isinstance(taps, (list, tuple, set)) else taps
@@ -142,6 +216,7 @@ class TapModel(nn.Module):
         if 'features' in self.taps: self.feature_names, self._fi_idx, self._hook_paths = _check_features(feature_names, model)
         self.attn_blocks = _check_attn_blocks(attn_blocks, model) if 'attn' in self.taps else ()
         self.num_prefix_tokens = _prefix_count(model) or 0
+        self.input_config = InputConfig.of(input_config)   # set: forward takes pixels and preprocesses them itself
 
     @property
     def num_classes(self) -> int: return self.model.num_classes
@@ -150,7 +225,13 @@ class TapModel(nn.Module):
 
     def with_taps(self, taps=('logits',), feature_names=None, attn_blocks=None) -> 'TapModel':
         "A wrapper over the same timm model (shared weights) computing other taps."
-        return TapModel(self.model, taps, feature_names, attn_blocks, self.arch)
+        return TapModel(self.model, taps, feature_names, attn_blocks, self.arch, self.input_config)
+
+    def with_input(self, input_config) -> 'TapModel':
+        "A wrapper over the same timm model (shared weights) that takes pixels and preprocesses them to `input_config`."
+        cfg = InputConfig.of(input_config)
+        if cfg is not None: check_input_size(self.model, cfg.size, self.arch)
+        return TapModel(self.model, self.taps, self.feature_names or None, self.attn_blocks or None, self.arch, cfg)
 
     def _add_hooks(self, store: dict) -> list:
         mods, hs = dict(self.model.named_modules()), []
@@ -165,6 +246,10 @@ class TapModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Taps:
         m, t, out, store = self.model, self.taps, Taps(), {}
+        if self.input_config is not None: x = preprocess(x, self.input_config)
+        elif x.dtype == torch.uint8:
+            raise KdnbError(f"`x`: uint8 pixels given to {self.arch!r}, which has no input config; expected normalized floats, "
+                            f"or give the model one: model.with_input(InputConfig(size, mean, std)) (kdnb.models.resolve_input_config).")
         need_final = any(n in t for n in ('embedding', 'tokens', 'prefix'))
         handles = self._add_hooks(store) if (self._hook_paths or self.attn_blocks) else []
         try:
@@ -197,7 +282,7 @@ class TapModel(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"arch={self.arch!r}, taps={self.taps}" + (f", features={self.feature_names}" if self.feature_names else '') + \
+        return f"arch={self.arch!r}, taps={self.taps}" + (f", input={self.input_config}" if self.input_config else '') + (f", features={self.feature_names}" if self.feature_names else '') + \
                (f", attn_blocks={self.attn_blocks}" if self.attn_blocks else '')
 
 # %% ../nbs/02_models.ipynb #f2a019af
