@@ -12,31 +12,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .core import Taps, KdnbError, expect, seed_everything, pick_device, in_test
-from .data import ImageData, TensorLoader, load_data, data_dir
-from .models import TapModel, create_model, resolve_arch, save_weights, weights_hash, ARCHS
+from fastcore.basics import patch
+from .data import ImageData, TensorLoader, load_data, data_dir, sample_shifts, shift_images
+from .models import TapModel, create_model, resolve_arch, save_weights, weights_hash, ARCHS, InputConfig
 
 # %% auto #0
-__all__ = ['ZOO', 'TEACHERS', 'STUDENTS', 'sample_shifts', 'shift_images', 'Recipe', 'ZooEntry', 'accuracy', 'train_model',
-           'teachers_dir', 'check_checkpoint', 'save_checkpoint', 'train_teachers', 'load_teacher', 'TeacherBank',
-           'build_cache']
-
-# %% ../nbs/03_teachers.ipynb #72dd1a9d
-def sample_shifts(n: int, max_shift: int = 2, generator: torch.Generator | None = None) -> torch.Tensor:
-    "`(n, 2)` int8 shifts (rows, columns), uniform in [-max_shift, max_shift]."
-    expect(isinstance(max_shift, int) and 0 <= max_shift <= 127, 'max_shift', max_shift, 'an int in [0, 127]')
-    return (torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator) - max_shift).to(torch.int8)
-
-def shift_images(x: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    "Translate each image of `x` (B, C, H, W) by its `(dy, dx)` in `shifts` (B, 2); edges are replicated."
-    expect(shifts.shape == (x.shape[0], 2), 'shifts', tuple(shifts.shape), f"shape ({x.shape[0]}, 2), one (dy, dx) per image")
-    s = shifts.to(device=x.device, dtype=torch.long)
-    m = int(s.abs().max()) if s.numel() else 0
-    if m == 0: return x
-    B, C, H, W = x.shape
-    xp = F.pad(x, (m, m, m, m), mode='replicate')
-    rows = (m - s[:, 0:1] + torch.arange(H, device=x.device))[:, :, None].expand(B, H, W)
-    cols = (m - s[:, 1:2] + torch.arange(W, device=x.device))[:, None, :].expand(B, H, W)
-    return xp[torch.arange(B, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+__all__ = ['ZOO', 'TEACHERS', 'STUDENTS', 'Recipe', 'ZooEntry', 'accuracy', 'train_model', 'teachers_dir', 'check_checkpoint',
+           'save_checkpoint', 'train_teachers', 'load_teacher', 'TeacherBank', 'TeacherSpec', 'load_spec_teacher',
+           'finetune_teacher']
 
 # %% ../nbs/03_teachers.ipynb #c2ccb142
 @dataclass(frozen=True)
@@ -237,9 +220,10 @@ class TeacherBank:
         return {k: t.float() for k, t in out.items()} if self.bf16 else out
 
     def spec(self) -> dict:
-        "What each teacher is and computes (architecture, weights hash, taps): the cache fingerprints this."
+        "What each teacher is and computes (architecture, weights hash, taps, input config): the cache fingerprints this."
         return {k: dict(arch=m.arch, weights=weights_hash(m), taps=list(m.taps), features=list(m.feature_names),
-                        attn_blocks=list(m.attn_blocks)) for k, m in self.teachers.items()}
+                        attn_blocks=list(m.attn_blocks), **({'input': m.input_config.to_dict()} if m.input_config else {}))
+                for k, m in self.teachers.items()}
 
     @classmethod
     def from_zoo(cls, names=TEACHERS, data: ImageData | None = None, taps=('logits',), folder=None, device=None,
@@ -250,8 +234,176 @@ class TeacherBank:
 
     def __repr__(self): return f"TeacherBank({ {k: m.taps for k, m in self.teachers.items()} }, device={self.device}, bf16={self.bf16})"
 
-# %% ../nbs/03_teachers.ipynb #dfdd5b18
-def build_cache(*args, **kwargs):
-    "Open, resume or (re)build the teacher-output cache; see `kdnb.cache.build_cache` (CED-style offline teaching, arXiv:2308.11957)."
-    from kdnb.cache import build_cache as _build
-    return _build(*args, **kwargs)
+# %% ../nbs/03_teachers.ipynb #c9535c67
+@dataclass
+class TeacherSpec:
+    "A pretrained teacher: timm `arch`, local `weights` file, optional `input` config, `provides` 'logits' or 'features', timm `kwargs`."
+    name: str
+    arch: str
+    weights: str | None = None
+    input: dict | None = None
+    provides: str = 'logits'
+    kwargs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        expect(isinstance(self.name, str) and self.name != '', 'name', self.name, 'a non-empty teacher name')
+        expect(self.provides in ('logits', 'features'), 'provides', self.provides, "'logits' (target-class logits) or 'features'")
+        if isinstance(self.input, InputConfig): self.input = self.input.to_dict()
+
+    @classmethod
+    def parse(cls, obj) -> 'TeacherSpec':
+        "A spec from a `TeacherSpec`, a dict, or a string `NAME=ARCH@WEIGHTS[#features]` (or a zoo teacher's name)."
+        if isinstance(obj, TeacherSpec): return obj
+        if isinstance(obj, dict):
+            bad = set(obj) - {'name', 'arch', 'weights', 'input', 'provides', 'kwargs'}
+            expect(not bad and 'arch' in obj, 'teachers', obj, "a dict with 'arch' and optional 'name', 'weights', 'input', 'provides', 'kwargs'")
+            return cls(**{'name': obj.get('name') or obj['arch'], **obj})
+        expect(isinstance(obj, str) and obj != '', 'teachers', obj, "a spec string NAME=ARCH@WEIGHTS[#features], a dict or a TeacherSpec")
+        s, provides = (obj.split('#', 1) + ['logits'])[:2]
+        name, _, rest = s.rpartition('=') if '=' in s else ('', '', s)
+        arch, _, weights = rest.partition('@')
+        return cls(name or arch, arch, weights or None, provides=provides)
+
+    def to_dict(self) -> dict: return asdict(self)
+
+def _load_state(path: Path) -> dict:
+    if path.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    sd = torch.load(path, map_location='cpu', weights_only=True)
+    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict): sd = sd[key]; break
+    return {k.removeprefix('module.'): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+def _meta_of(path: Path) -> dict:
+    p = path.with_suffix('.json')
+    try: return json.loads(p.read_text()) if p.exists() else {}
+    except ValueError: raise KdnbError(f"`weights`: metadata {str(p)!r} is not valid JSON; expected the checkpoint's metadata or no file") from None
+
+def load_spec_teacher(spec, data: ImageData | None = None, taps=None, finetuned: bool = False) -> TapModel:
+    "The teacher a `TeacherSpec` names (eval, frozen, with its input config), checked against `data` before any forward."
+    spec = TeacherSpec.parse(spec)
+    if spec.weights is None:
+        expect(spec.arch in ZOO, 'weights', None, f"a local weights file for {spec.arch!r} (only zoo teachers {list(ZOO)} need none)")
+        return load_teacher(spec.arch, data, taps or ('logits',))
+    path = Path(spec.weights)
+    expect(path.is_file(), 'weights', str(path), f"an existing .safetensors or torch checkpoint file for teacher {spec.name!r}")
+    meta = _meta_of(path)
+    from kdnb.models import _peek_shapes, resolve_input_config, check_input_size
+    timm_name, base = resolve_arch(spec.arch)
+    shapes = _peek_shapes(path)
+    kw = {**meta.get('kwargs', {}), **spec.kwargs}
+    in_chans = kw.pop('in_chans', 3)
+    probe = create_model(spec.arch, 1, in_chans, **kw).model
+    names = probe.pretrained_cfg.get('classifier') or 'head'
+    names = (names,) if isinstance(names, str) else tuple(names)
+    cls_keys = {k for k in probe.state_dict() if any(k.startswith(c + '.') for c in names)}
+    nc = next((shapes[k][0] for k in sorted(cls_keys) if k.endswith('weight') and k in shapes), None)
+    want = {k: tuple(v.shape) for k, v in probe.state_dict().items() if k not in cls_keys}
+    miss = [k for k in want if k not in shapes]
+    wrong = [k for k in want if k in shapes and shapes[k] != want[k]]
+    extra = [k for k in shapes if k not in want and not any(k.startswith(c + '.') for c in names)]
+    if miss or wrong or extra:
+        ex = (wrong or miss or extra)[0]
+        raise KdnbError(f"`weights`: {str(path)!r} holds weights of another architecture than {spec.arch!r} for teacher "
+                        f"{spec.name!r} ({len(miss)} tensors missing, {len(wrong)} of another shape, {len(extra)} unexpected; e.g. "
+                        f"{ex!r}: file {shapes.get(ex)}, model {want.get(ex)}); expected a checkpoint of {spec.arch!r} (set 'arch' "
+                        f"to the model the file was saved from, and 'kwargs' to its timm arguments).")
+    provides = spec.provides
+    if provides == 'logits' and nc is None:
+        raise KdnbError(f"`teachers`: teacher {spec.name!r} is declared provides='logits' but {str(path)!r} has no classifier "
+                        f"({names}); expected a checkpoint with a head: fit one with finetune_teacher, or declare provides='features'.")
+    if provides == 'logits' and data is not None and nc != data.num_classes:
+        raise KdnbError(f"`teachers`: teacher {spec.name!r} gives {nc} logits, the data {data.name!r} has {data.num_classes} "
+                        f"classes; expected a head for the target classes: fit one with kdnb.teachers.finetune_teacher(spec, data) "
+                        f"(`kdnb teachers finetune`), or declare the teacher provides='features'.")
+    model = create_model(spec.arch, int(nc or 1), in_chans, **kw)
+    if nc is None: model.model.reset_classifier(0)
+    model.model.load_state_dict(_load_state(path), strict=True)
+    if provides == 'features' and nc is not None: model.model.reset_classifier(0)
+    cfg = resolve_input_config(model, spec.input, meta)
+    check_input_size(model.model, cfg.size, spec.arch)
+    t = model.with_taps(taps or (('logits',) if provides == 'logits' else ('embedding',))).with_input(cfg)
+    t.arch, t.provides, t.spec = spec.arch, provides, spec
+    return t.eval().requires_grad_(False)
+
+# %% ../nbs/03_teachers.ipynb #08b61fb4
+def _pixel_batches(data: ImageData, split: str, batch_size: int = 128, workers: int | None = None):
+    "uint8 pixel batches `(x, y)` of a split, in order and unaugmented (streamed data through its loader)."
+    if getattr(data, 'streamed', False):
+        from kdnb.data import StreamLoader
+        for x, y, _ in StreamLoader(data, split, batch_size, shuffle=False, augment=False, workers=workers): yield x, y
+    else:
+        idx = torch.as_tensor(data.splits[split])
+        for i in range(0, len(idx), batch_size): b = idx[i:i + batch_size]; yield data.images[b], data.labels[b]
+
+@torch.no_grad()
+def _embed(model: TapModel, data, split, device, batch_size, progress, desc):
+    from tqdm.auto import tqdm
+    fs, ys = [], []
+    n = -(-len(data.splits[split]) // batch_size)
+    for x, y in tqdm(_pixel_batches(data, split, batch_size), total=n, desc=desc, disable=not progress, leave=False):
+        fs.append(model(x.to(device)).embedding.float().cpu()); ys.append(y.cpu())
+    return torch.cat(fs), torch.cat(ys)
+
+def finetune_teacher(spec, data: ImageData, out=None, epochs: int = 30, lr: float = 1e-2, weight_decay: float = 1e-4,
+                     batch_size: int = 128, device=None, seed: int = 0, progress: bool = True, verbose: bool = True) -> TeacherSpec:
+    "Fit a linear head of `spec`'s frozen backbone on `data`'s train split; writes weights + metadata, returns the logit teacher's spec."
+    spec = TeacherSpec.parse(spec)
+    expect(isinstance(data, ImageData), 'data', type(data).__name__, 'an ImageData / StreamData (kdnb.data.load_data)')
+    expect(spec.weights is not None, 'weights', None, 'the pretrained weights file to fine-tune')
+    expect(isinstance(epochs, int) and epochs > 0, 'epochs', epochs, 'a positive int')
+    dev = pick_device(device) if device is not None else torch.device('cpu')
+    seed_everything(seed)
+    back = load_spec_teacher(TeacherSpec(spec.name, spec.arch, spec.weights, spec.input, 'features', spec.kwargs), data, taps=('embedding',)).to(dev)
+    ftr, ytr = _embed(back, data, 'train', dev, batch_size, progress, f'{spec.name}: train embeddings')
+    fva, yva = _embed(back, data, 'val', dev, batch_size, progress, f'{spec.name}: val embeddings')
+    head = nn.Linear(ftr.shape[1], data.num_classes)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    mu, sd = ftr.mean(0), ftr.std(0).clamp_min(1e-6)           # standardized features: one learning rate fits every backbone
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for b in torch.randperm(len(ftr), generator=g).split(256):
+            loss = F.cross_entropy(head((ftr[b] - mu) / sd), ytr[b])
+            opt.zero_grad(); loss.backward(); opt.step()
+        sched.step()
+    with torch.no_grad():
+        W, bias = head.weight / sd, head.bias - (head.weight / sd) @ mu   # fold the standardization into the head
+        val_acc = float(((fva @ W.T + bias).argmax(1) == yva).float().mean()) if len(yva) else float('nan')
+    m = back.model.cpu()
+    m.reset_classifier(data.num_classes)
+    clf = m.get_classifier()
+    expect(isinstance(clf, nn.Linear), 'arch', spec.arch, 'a timm model whose classifier is one nn.Linear (get_classifier())')
+    with torch.no_grad(): clf.weight.copy_(W); clf.bias.copy_(bias)
+    path = Path(out) if out is not None else teachers_dir() / 'finetuned' / f"{spec.name}-{data.name.replace(':', '_')}.safetensors"
+    save_weights(m, path)
+    meta = dict(arch=spec.arch, kwargs=spec.kwargs, num_classes=data.num_classes, provides='logits', input=back.input_config.to_dict(),
+                base_weights=str(spec.weights), base_sha256=_file_sha256(Path(spec.weights)), data=data.name,
+                data_fingerprint=data.fingerprint, probe=dict(epochs=epochs, lr=lr, val_acc=val_acc, train_n=len(ytr)))
+    path.with_suffix('.json').write_text(json.dumps(meta, indent=1, sort_keys=True))
+    if verbose: print(f"{spec.name}: linear probe on {data.name}, val_acc {val_acc:.3f} -> {path}")
+    return TeacherSpec(spec.name, spec.arch, str(path), back.input_config.to_dict(), 'logits', dict(spec.kwargs))
+
+# %% ../nbs/03_teachers.ipynb #b26442c8
+@patch(cls_method=True)
+def from_specs(cls: TeacherBank, specs, data: ImageData | None = None, taps=('logits',), device=None, bf16: bool | None = None) -> TeacherBank:
+    "A bank of the teachers `specs` name (`TeacherSpec`s, dicts or `NAME=ARCH@WEIGHTS` strings); `taps` for all, or a dict per teacher."
+    specs = [TeacherSpec.parse(s) for s in (specs if isinstance(specs, (list, tuple)) else [specs])]
+    expect(len(specs) > 0, 'teachers', specs, 'at least one teacher spec')
+    names = [s.name for s in specs]
+    expect(len(set(names)) == len(names), 'teachers', names, 'unique teacher names')
+    per = taps if isinstance(taps, dict) else {s.name: taps for s in specs}
+    models = {}
+    for s in specs:
+        t = per.get(s.name, ('logits',))
+        tt = (t,) if isinstance(t, str) else tuple(t.get('taps', ('logits',))) if isinstance(t, dict) else tuple(t)
+        if s.provides == 'features' and 'logits' in tt:
+            raise KdnbError(f"`taps`: teacher {s.name!r} provides features only; a logit objective (KD on logits) needs "
+                            f"target-class logits. Expected feature taps ('embedding', 'features', 'tokens') for it, or fit a "
+                            f"head first: finetune_teacher(spec, data) / `kdnb teachers finetune`.")
+        models[s.name] = load_spec_teacher(s, data if s.provides == 'logits' else None)
+    bank = cls(models, per, None, data.num_classes if data is not None and all(s.provides == 'logits' for s in specs) else None,
+               device=device, bf16=bf16)
+    for s in specs: bank.teachers[s.name].provides, bank.teachers[s.name].spec = s.provides, s
+    return bank

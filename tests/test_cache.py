@@ -5,7 +5,8 @@ import pytest
 import torch
 from kdnb.core import KdnbError
 from kdnb.data import load_data, TensorLoader
-from kdnb.teachers import TeacherBank, TEACHERS, load_teacher, sample_shifts
+from kdnb.teachers import TeacherBank, TEACHERS, load_teacher
+from kdnb.data import sample_shifts
 from kdnb.cache import TeacherCache, build_cache, _read_header, dense_from_topk, topk_logits
 
 DIGITS = load_data('digits')

@@ -7,7 +7,8 @@ from kdnb.core import KdnbError
 from kdnb.data import load_data, TensorLoader
 from kdnb.models import create_model, weights_hash
 from kdnb.teachers import (ZOO, TEACHERS, STUDENTS, teachers_dir, check_checkpoint, train_teachers, load_teacher,
-                           TeacherBank, accuracy, sample_shifts, shift_images)
+                           TeacherBank, accuracy)
+from kdnb.data import sample_shifts, shift_images
 
 DIGITS = load_data('digits')
 META_KEYS = {'arch', 'timm_name', 'data_fingerprint', 'seed', 'val_acc', 'test_acc', 'weights_hash', 'file_sha256', 'recipe'}
