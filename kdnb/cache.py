@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from .core import Taps, TAP_NAMES, KdnbError, expect
-from .data import ImageData, data_dir
-from .teachers import TeacherBank, sample_shifts, shift_images
+from .data import ImageData, data_dir, sample_shifts, shift_images, sample_crops, crop_flip, Augmentation
+from .teachers import TeacherBank
 
 # %% auto #0
 __all__ = ['MAGIC', 'cache_spec', 'spec_diff', 'topk_logits', 'dense_from_topk', 'TeacherCache', 'default_cache_path',
@@ -22,9 +22,16 @@ _ALIGN = 4096
 
 def _align(n: int, a: int = _ALIGN) -> int: return -(-n // a) * a
 
+def _views_aug(data, views: int, augment):
+    "The crop/flip `Augmentation` whose views a cache stores (None: shifts or no views); refuses what a cache cannot replay."
+    aug = augment if augment is not None else getattr(data, 'augment', None)
+    expect(aug is None or isinstance(aug, Augmentation), 'augment', aug, 'None or a kdnb.data.Augmentation')
+    if aug is not None: aug.check_cached('augment')
+    return aug if (aug is not None and views and aug.policy == 'rrc_flip') else None
+
 def cache_spec(bank, data: ImageData, splits=None, dtype: str = 'float16', topk: int | None = None, views: int = 0,
-               max_shift: int = 2, aug_seed: int = 0) -> dict:
-    "What a cache's contents depend on: teachers (arch, weights, taps), data, rows, transform and storage."
+               max_shift: int = 2, aug_seed: int = 0, augment: Augmentation | None = None) -> dict:
+    "What a cache's contents depend on: teachers (arch, weights, taps, input configs), data and its decoding, rows, transform and storage."
     expect(dtype in ('float16', 'float32'), 'dtype', dtype, "'float16' or 'float32'")
     expect(topk is None or (isinstance(topk, int) and 0 < topk <= data.num_classes), 'topk', topk,
            f"None (all logits) or an int in [1, {data.num_classes}]")
@@ -32,13 +39,19 @@ def cache_spec(bank, data: ImageData, splits=None, dtype: str = 'float16', topk:
     splits = sorted(data.splits) if splits is None else [splits] if isinstance(splits, str) else sorted(splits)
     expect(all(s in data.splits for s in splits), 'splits', splits, f"names from {sorted(data.splits)}")
     rows = np.unique(np.concatenate([np.asarray(data.splits[s], dtype=np.int64) for s in splits]))
-    return dict(teachers=bank.spec(),
+    spec = dict(teachers=bank.spec(),
                 data=dict(name=data.name, fingerprint=data.fingerprint, n_images=int(len(data.images)),
                           mean=[round(float(v), 6) for v in data.mean], std=[round(float(v), 6) for v in data.std]),
                 rows=dict(splits=splits, n=int(len(rows)), sha1=hashlib.sha1(rows.tobytes()).hexdigest()[:16]),
                 transform=dict(normalize='(x/255 - mean) / std', augmentation='shift' if views else 'none', views=views,
                                max_shift=max_shift if views else 0, aug_seed=aug_seed if views else 0),
                 storage=dict(dtype=dtype, topk=topk))
+    crop = _views_aug(data, views, augment)
+    if crop is not None: spec['transform'].update(augmentation='crop_flip', max_shift=0, crop=crop.cache_views())
+    if getattr(data, 'pixels', False):      # pixels decoded once; each teacher preprocesses them (its input config is in `teachers`)
+        spec['transform']['normalize'] = 'pixels x/255; per-teacher input config'
+        spec['data'].update(size=data.size, channels=data.channels, crop_pct=getattr(data.images, 'crop_pct', 1.0))
+    return spec
 
 def spec_diff(old: dict, new: dict, prefix: str = '') -> list:
     "Paths where two specs differ, e.g. `['teachers.resnet_t.weights']`."
@@ -100,6 +113,7 @@ class TeacherCache:
         self.spec = h['spec']
         self.names = list(h.get('names') or self.spec['teachers'])
         self.views = self.spec['transform']['views']; self.nv = max(self.views, 1); self.view = 0
+        self.crop = self.spec['transform']['augmentation'] == 'crop_flip'
         self.num_classes = h['num_classes']
         self._arr = {k: np.memmap(self.path, dtype=a['dtype'], mode='r', offset=a['offset'], shape=tuple(a['shape']))
                      for k, a in h['arrays'].items()}
@@ -130,10 +144,16 @@ class TeacherCache:
         return r * self.nv + v
 
     def augment(self, x: torch.Tensor, idx, view: int | None = None) -> torch.Tensor:
-        "The view of `x` (normalized images of samples `idx`) that the teachers scored: the stored shifts applied."
+        "The view of `x` (images of samples `idx`) that the teachers scored: the stored shifts, or crops and flips, applied."
         if not self.views: return x
         r = self._rows(idx, view)
-        return shift_images(x, torch.from_numpy(np.asarray(self._arr['aug'][r])))
+        a = torch.from_numpy(np.asarray(self._arr['aug'][r]))
+        return crop_flip(x, a.to(x.device)) if self.crop else shift_images(x, a)
+
+    def views_of(self, idx, view: int | None = None) -> torch.Tensor:
+        "The stored view parameters of samples `idx`: `(B, 5)` crop boxes and flips, or `(B, 2)` shifts."
+        expect(bool(self.views), 'views', self.views, 'a cache built with views > 0')
+        return torch.from_numpy(np.asarray(self._arr['aug'][self._rows(idx, view)]))
 
     def lookup(self, idx, device=None, view: int | None = None) -> dict:
         "`{teacher: Taps}` (float32) of samples `idx` (indices into `ImageData.images`), for the current view."
@@ -170,7 +190,7 @@ def _layout(bank, data, spec, rows) -> tuple:
     dt, k = spec['storage']['dtype'], spec['storage']['topk']
     probe = bank(data.normalize(data.images[torch.as_tensor(rows[:1])]))
     arrays = {'rows': ('int64', (len(rows),))}
-    if spec['transform']['views']: arrays['aug'] = ('int8', (R, 2))
+    if spec['transform']['views']: arrays['aug'] = ('float32', (R, 5)) if spec['transform']['augmentation'] == 'crop_flip' else ('int8', (R, 2))
     C = None
     for t, taps in probe.items():
         for name in taps.present():
@@ -211,10 +231,26 @@ def _create(path: Path, bank, data, spec, rows, chunk_size) -> dict:
     if spec['transform']['views']:
         g = torch.Generator().manual_seed(spec['transform']['aug_seed'])
         a = h['arrays']['aug']
-        mm = np.memmap(path, dtype='int8', mode='r+', offset=a['offset'], shape=tuple(a['shape']))
-        mm[:] = sample_shifts(a['shape'][0], spec['transform']['max_shift'], g).numpy(); mm.flush()
+        mm = np.memmap(path, dtype=a['dtype'], mode='r+', offset=a['offset'], shape=tuple(a['shape']))
+        cr = spec['transform'].get('crop')
+        mm[:] = (sample_crops(a['shape'][0], cr['scale'], cr['ratio'], cr['hflip'], g) if cr else
+                 sample_shifts(a['shape'][0], spec['transform']['max_shift'], g)).numpy(); mm.flush()
     h['_header_bytes'] = reserve
     return h
+
+# %% ../nbs/03b_cache.ipynb #13fcff65
+def _chunks(data: ImageData, rows: np.ndarray, todo: list, cs: int, workers: int | None = None):
+    "`(chunk, uint8 images)` of the chunks `todo`; streamed data is decoded by DataLoader workers, in order, while the teachers run."
+    if not getattr(data, 'streamed', False):
+        for c in todo: yield c, data.images[torch.as_tensor(rows[c * cs:(c + 1) * cs])]
+        return
+    from kdnb.data import _SplitSet, _collate
+    order = [int(i) for c in todo for i in rows[c * cs:(c + 1) * cs]]
+    nw = data.workers if workers is None else workers
+    dl = torch.utils.data.DataLoader(_SplitSet(data.images, data.labels), batch_size=cs, sampler=order, num_workers=nw,
+                                     collate_fn=_collate, pin_memory=torch.cuda.is_available(), prefetch_factor=4 if nw else None)
+    # every chunk but the last is full, and the last chunk can only be the final one of `todo`: batches line up with chunks
+    for c, (x, _, i, _) in zip(todo, dl): yield c, x
 
 # %% ../nbs/03b_cache.ipynb #fdaea3e3
 def default_cache_path(data: ImageData, spec: dict) -> Path:
@@ -222,7 +258,9 @@ def default_cache_path(data: ImageData, spec: dict) -> Path:
     st, tr = spec['storage'], spec['transform']
     parts = [data.name.replace(':', '_'), '+'.join(spec['teachers']), '+'.join(spec['rows']['splits']), st['dtype']]
     if st['topk']: parts.append(f"top{st['topk']}")
-    if tr['views']: parts.append(f"v{tr['views']}s{tr['max_shift']}a{tr['aug_seed']}")
+    if tr['views']: parts.append(f"v{tr['views']}{'c' if tr.get('crop') else 's'}{tr['max_shift']}a{tr['aug_seed']}")
+    if tr.get('crop') or 'size' in spec['data']:      # crops, decoding and teachers' input configs: a short hash keeps names apart
+        parts.append(hashlib.sha1(json.dumps([tr.get('crop'), spec['data'].get('size'), {k: t.get('input') for k, t in spec['teachers'].items()}], sort_keys=True).encode()).hexdigest()[:8])
     return data_dir() / 'cache' / ('-'.join(parts) + '.kdc')
 
 @contextlib.contextmanager
@@ -237,7 +275,7 @@ def _build_lock(path: Path):
 def build_cache(bank=None, data: ImageData | None = None, path=None, splits=None, dtype: str = 'float16',
                 topk: int | None = None, views: int = 0, max_shift: int = 2, aug_seed: int = 0, chunk_size: int = 256,
                 progress: bool = True, verify: bool = True, rebuild: bool = False, teachers=None, taps=('logits',),
-                verbose: bool = True) -> TeacherCache:
+                verbose: bool = True, augment: Augmentation | None = None, workers: int | None = None) -> TeacherCache:
     "Open, resume or (re)build the cache of `bank`'s outputs on `data` (default: zoo teachers, digits); CED-style offline teaching (arXiv:2308.11957)."
     from tqdm.auto import tqdm
     from kdnb.data import load_data
@@ -247,7 +285,7 @@ def build_cache(bank=None, data: ImageData | None = None, path=None, splits=None
         bank = TeacherBank.from_zoo(teachers or TEACHERS, data, taps=taps)
     expect(callable(bank) and callable(getattr(bank, 'spec', None)), 'bank', type(bank).__name__, 'a TeacherBank (callable with .spec())')
     expect(isinstance(chunk_size, int) and chunk_size > 0, 'chunk_size', chunk_size, 'a positive int')
-    spec = cache_spec(bank, data, splits, dtype, topk, views, max_shift, aug_seed)
+    spec = cache_spec(bank, data, splits, dtype, topk, views, max_shift, aug_seed, augment)
     path = Path(path) if path is not None else default_cache_path(data, spec)
     rows = np.unique(np.concatenate([np.asarray(data.splits[s], dtype=np.int64) for s in spec['rows']['splits']]))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -271,15 +309,16 @@ def build_cache(bank=None, data: ImageData | None = None, path=None, splits=None
         mm = {k: np.memmap(part, dtype=a['dtype'], mode='r+', offset=a['offset'], shape=tuple(a['shape'])) for k, a in h['arrays'].items()}
         nv, cs, done = max(views, 1), h['chunk_size'], set(h['chunks_done'])
         aug = torch.from_numpy(np.asarray(mm['aug'])) if views else None
+        crop = spec['transform']['augmentation'] == 'crop_flip'
+        dev = getattr(bank, 'device', torch.device('cpu'))
         todo = [c for c in range(h['n_chunks']) if c not in done]
         bar = tqdm(total=sum(len(rows[c * cs:(c + 1) * cs]) for c in todo) * nv, desc=f'cache {path.name}', unit='img', disable=not progress)
-        for c in todo:
+        for c, x0 in _chunks(data, rows, todo, cs, workers):
             rr = np.arange(c * cs, min((c + 1) * cs, len(rows)))
-            idx = torch.as_tensor(rows[rr])
-            x0 = data.normalize(data.images[idx])
+            x0 = data.normalize(x0.to(dev, non_blocking=True))
             for v in range(nv):
                 out_rows = rr * nv + v
-                x = shift_images(x0, aug[out_rows]) if views else x0
+                x = (crop_flip(x0, aug[out_rows]) if crop else shift_images(x0, aug[out_rows])) if views else x0
                 for t, taps in bank(x).items():
                     for name in taps.present():
                         val = getattr(taps, name)

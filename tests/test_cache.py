@@ -208,10 +208,12 @@ def test_bad_input_names_the_argument(tmp_path, bank):
     with pytest.raises(KdnbError, match='`path`'): TeacherCache(tmp_path / 'missing.kdc')
 
 
-def test_default_path_and_the_teachers_entry_point(tmp_path, bank, monkeypatch):
-    from kdnb import teachers
+def test_default_path_and_no_import_cycle(tmp_path, bank, monkeypatch):
+    import subprocess, sys
+    code = "import sys, kdnb.teachers; assert 'kdnb.cache' not in sys.modules; import kdnb.cache; assert not hasattr(kdnb.teachers, 'build_cache')"
+    assert subprocess.run([sys.executable, '-c', code]).returncode == 0       # cache -> teachers only, never back
     monkeypatch.setenv('KDNB_DATA', str(tmp_path))
-    c = teachers.build_cache(bank, DIGITS, splits='val', topk=3, progress=False)
+    c = build_cache(bank, DIGITS, splits='val', topk=3, progress=False)
     assert c.path == tmp_path / 'cache' / 'digits-resnet_t+vit_t+convnext_t-val-float16-top3.kdc'
     assert c.names == list(TEACHERS)                       # the bank's order, not the header's sorted keys
     v = build_cache(bank, DIGITS, splits='val', views=2, progress=False)
