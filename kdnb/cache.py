@@ -27,7 +27,7 @@ def _views_aug(data, views: int, augment):
     aug = augment if augment is not None else getattr(data, 'augment', None)
     expect(aug is None or isinstance(aug, Augmentation), 'augment', aug, 'None or a kdnb.data.Augmentation')
     if aug is not None: aug.check_cached('augment')
-    return aug if (aug is not None and views and aug.policy == 'rrc_flip') else None
+    return aug if (aug is not None and views and aug.policy != 'none') else None
 
 def cache_spec(bank, data: ImageData, splits=None, dtype: str = 'float16', topk: int | None = None, views: int = 0,
                max_shift: int = 2, aug_seed: int = 0, augment: Augmentation | None = None) -> dict:
@@ -233,7 +233,7 @@ def _create(path: Path, bank, data, spec, rows, chunk_size) -> dict:
         a = h['arrays']['aug']
         mm = np.memmap(path, dtype=a['dtype'], mode='r+', offset=a['offset'], shape=tuple(a['shape']))
         cr = spec['transform'].get('crop')
-        mm[:] = (sample_crops(a['shape'][0], cr['scale'], cr['ratio'], cr['hflip'], g) if cr else
+        mm[:] = (Augmentation(**cr).sample_views(a['shape'][0], spec['data'].get('size', data.size), g) if cr else
                  sample_shifts(a['shape'][0], spec['transform']['max_shift'], g)).numpy(); mm.flush()
     h['_header_bytes'] = reserve
     return h
@@ -262,6 +262,11 @@ def default_cache_path(data: ImageData, spec: dict) -> Path:
     if tr.get('crop') or 'size' in spec['data']:      # crops, decoding and teachers' input configs: a short hash keeps names apart
         parts.append(hashlib.sha1(json.dumps([tr.get('crop'), spec['data'].get('size'), {k: t.get('input') for k, t in spec['teachers'].items()}], sort_keys=True).encode()).hexdigest()[:8])
     return data_dir() / 'cache' / ('-'.join(parts) + '.kdc')
+
+def _attach(cache: TeacherCache, data) -> TeacherCache:
+    "A cache of crop/flip views replays them itself: the data's train loader then yields unaugmented images (no double augmentation)."
+    if cache.crop and hasattr(data, 'views_from_cache'): data.views_from_cache = True
+    return cache
 
 @contextlib.contextmanager
 def _build_lock(path: Path):
@@ -294,7 +299,7 @@ def build_cache(bank=None, data: ImageData | None = None, path=None, splits=None
         why = 'rebuild requested' if rebuild else _problem(path, verify)
         if why is None:
             diff = spec_diff(_read_header(path)['spec'], spec)
-            if not diff: return TeacherCache(path, verify=False)
+            if not diff: return _attach(TeacherCache(path, verify=False), data)
             why = f"spec changed: {', '.join(diff[:4])}"
         h = None
         if not rebuild and part.exists():
@@ -337,4 +342,4 @@ def build_cache(bank=None, data: ImageData | None = None, path=None, splits=None
         _write_header(part, h, h['_header_bytes'])
         del mm
         os.replace(part, path)    # readers only ever see complete caches; open ones keep the old file
-        return TeacherCache(path, verify=False)
+        return _attach(TeacherCache(path, verify=False), data)

@@ -17,7 +17,7 @@ __all__ = ['IMG_EXTS', 'DATASETS', 'project_root', 'data_dir', 'ImageData', 'str
            'load_digits_data', 'load_cifar_data', 'stream_cifar_data', 'write_fake_cifar', 'load_imagefolder_data',
            'stream_imagefolder_data', 'write_fake_imagefolder', 'load_data', 'TensorLoader', 'get_loaders',
            'LazyImages', 'StreamData', 'Augmentation', 'StreamLoader', 'sample_shifts', 'shift_images', 'sample_crops',
-           'crop_flip']
+           'crop_flip', 'sample_pad_crops']
 
 # %% ../nbs/01_data.ipynb #5d94d575
 def project_root() -> Path | None:
@@ -447,6 +447,7 @@ class StreamData(ImageData):
     workers: int = 2
     augment: object = None
     skipped: list = field(default_factory=list)
+    views_from_cache: bool = False   # set by kdnb.cache.build_cache(views=K): train batches come unaugmented
     streamed = True                  # TensorLoader(data, ...) hands out a StreamLoader
 
     def __post_init__(self):
@@ -490,7 +491,8 @@ def _cifar_memmap(d: Path, name: str, parts_files: list) -> dict:
 @dataclass(frozen=True)
 class Augmentation:
     "Training augmentation built by timm (`create_transform`, `Mixup`); crop boxes and flips applied are recorded."
-    policy: str = 'none'                 # 'none' | 'rrc_flip'
+    policy: str = 'none'                 # 'none' | 'pad_crop_flip' | 'rrc_flip'
+    pad: int = 4                         # pad_crop_flip: shift range in pixels of the decoded image (zero padding)
     scale: tuple = (0.08, 1.0)
     ratio: tuple = (3 / 4, 4 / 3)
     hflip: float = 0.5
@@ -501,7 +503,10 @@ class Augmentation:
     label_smoothing: float = 0.0
 
     def __post_init__(self):
-        expect(self.policy in ('none', 'rrc_flip'), 'augment', self.policy, "'none' or 'rrc_flip'")
+        expect(self.policy in ('none', 'pad_crop_flip', 'rrc_flip'), 'augment', self.policy, "'none', 'pad_crop_flip' or 'rrc_flip'")
+        expect(isinstance(self.pad, int) and self.pad >= 0, 'pad', self.pad, 'an int >= 0 (pixels)')
+        expect(self.policy == 'rrc_flip' or not (self.auto_augment or self.color_jitter), 'auto_augment', self.auto_augment,
+               "None unless augment='rrc_flip' (timm applies it after its crop)")
         expect(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1, 'scale', self.scale, '(min, max) with 0 < min <= max <= 1')
         expect(0 <= self.hflip <= 1, 'hflip', self.hflip, 'a probability in [0, 1]')
         expect(self.mixup >= 0 and self.cutmix >= 0, 'mixup', (self.mixup, self.cutmix), 'alphas >= 0 (0: off)')
@@ -533,7 +538,14 @@ class Augmentation:
 
     def cache_views(self) -> dict:
         "What a cache with views replays (its spec records this)."
+        if self.policy == 'pad_crop_flip': return dict(policy=self.policy, pad=self.pad, hflip=self.hflip)
         return dict(policy=self.policy, scale=list(self.scale), ratio=[round(r, 6) for r in self.ratio], hflip=self.hflip)
+
+    def sample_views(self, n: int, size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        "`(n, 5)` views of this policy (what a cache stores; `pad_crop_flip` also online)."
+        cv = self.cache_views()
+        if cv['policy'] == 'pad_crop_flip': return sample_pad_crops(n, cv['pad'], size, cv['hflip'], generator)
+        return sample_crops(n, tuple(cv['scale']), tuple(cv['ratio']), cv['hflip'], generator)
 
 
 class _RecordedFlip:
@@ -614,19 +626,21 @@ class StreamLoader:
         self.rank, self.world_size, self.epoch = rank, world_size, 0
         self.idx = torch.as_tensor(data.splits[split], dtype=torch.long)
         self.device = torch.device(device) if device is not None else torch.device('cpu')
-        aug = (data.augment if split == 'train' else None) if augment is None or augment is True else (augment or None)
+        own = data.augment if split == 'train' and not data.views_from_cache else None   # a view cache replays its own views
+        aug = own if augment is None or augment is True else (augment or None)
         self.augment = aug if isinstance(aug, Augmentation) else None
         self.mixer = self.augment.mixer(data.num_classes) if self.augment is not None else None
         if self.mixer is not None:
             expect(batch_size % 2 == 0 and drop_last, 'batch_size', (batch_size, drop_last), 'an even batch size with drop_last=True (mixup pairs each sample with another)')
         self.workers = data.workers if workers is None else workers
         expect(isinstance(self.workers, int) and self.workers >= 0, 'workers', self.workers, 'an int >= 0 (0: decode in this process)')
-        tf = self.augment.transform(data.size, data.channels) if self.augment is not None and self.augment.policy != 'none' else None
+        tf = self.augment.transform(data.size, data.channels) if self.augment is not None and self.augment.policy == 'rrc_flip' else None
+        self.device_views = self.augment is not None and self.augment.policy == 'pad_crop_flip'
         self.dl = torch.utils.data.DataLoader(_SplitSet(data.images, data.labels, tf), batch_size=batch_size,
                                               sampler=_OrderSampler(self), drop_last=drop_last, num_workers=self.workers,
                                               collate_fn=_collate, pin_memory=self.device.type == 'cuda',
                                               persistent_workers=self.workers > 0, prefetch_factor=4 if self.workers else None)
-        self.views = None
+        self.views, self.views_seen = None, []
 
     def set_epoch(self, epoch: int): self.epoch = epoch
 
@@ -647,11 +661,16 @@ class StreamLoader:
 
     def __iter__(self):
         nb = self.device.type == 'cuda'
+        self.views_seen = []
         for x, y, i, v in self.dl:
             x, y = x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
-            self.views = v
+            if self.device_views:                               # padded crops and flips, on the device, recorded
+                g = torch.Generator().manual_seed((self.seed * 100003 + self.epoch) * 1009 + self.rank * 7919 + len(self.views_seen))
+                v = self.augment.sample_views(len(x), self.data.size, g)
+                x = crop_flip(x, v.to(x.device))
+            self.views = v; self.views_seen.append(len(v))
             if self.mixer is not None:
-                x, y = self.mixer(x.float() / 255, y)           # soft targets; teachers online see the mixed image
+                x, y = self.mixer(x.float() / 255 if x.dtype == torch.uint8 else x, y)   # soft targets; online teachers see the mixed image
             yield x, y, i
 
     def __repr__(self): return f"StreamLoader({self.split}, {len(self)} batches of {self.bs}, {self.workers} workers, augment={self.augment})"
@@ -712,4 +731,11 @@ def crop_flip(x: torch.Tensor, views: torch.Tensor, size: int | None = None) -> 
     theta[:, 1, 1], theta[:, 1, 2] = h, 2 * top + h - 1
     xf = x.float() / 255 if x.dtype == torch.uint8 else x.float()
     grid = F.affine_grid(theta, (len(x), x.shape[1], size, size), align_corners=False)
-    return F.grid_sample(xf, grid, mode='bilinear', padding_mode='border', align_corners=False)
+    return F.grid_sample(xf, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+
+def sample_pad_crops(n: int, pad: int, size: int, hflip: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
+    "`(n, 5)` views of a zero-padded random crop (integer shifts in [-pad, pad] px of a `size` px image) and flip."
+    expect(isinstance(pad, int) and 0 <= pad < size, 'pad', pad, f"an int in [0, {size})")
+    s = torch.randint(-pad, pad + 1, (n, 2), generator=generator).float() / size
+    f = (torch.rand(n, generator=generator) < hflip).float()
+    return torch.stack([s[:, 0], s[:, 1], torch.ones(n), torch.ones(n), f], 1)
