@@ -201,15 +201,16 @@ def stream_cifar_data(name: str = 'cifar10', root=None, size: int = 32, channels
                       _cifar_splits(y, n_tr, seed, classes, name), classes, workers=workers)
 
 # %% ../nbs/01_data.ipynb #2bce7633
-def write_fake_cifar(root, name: str = 'cifar10', n_per_batch: int = 20, seed: int = 0) -> Path:
+def write_fake_cifar(root, name: str = 'cifar10', n_per_batch: int = 20, seed: int = 0, n_test: int | None = None) -> Path:
     "Write a tiny random dataset in CIFAR's python format (for tests and examples); labels cycle through the classes."
     folder, trn, tst, key, meta, mkey = _CIFAR[name]
     d = Path(root) / folder; d.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed); nc = 10 if name == 'cifar10' else 100
     for f in trn + tst:
+        n = n_test if (f in tst and n_test) else n_per_batch
         with open(d / f, 'wb') as fh:
-            pickle.dump({b'data': rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
-                         key: list(rng.permutation(np.arange(n_per_batch) % nc))}, fh)
+            pickle.dump({b'data': rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         key: list(rng.permutation(np.arange(n) % nc))}, fh)
     with open(d / meta, 'wb') as fh: pickle.dump({mkey: [f'class{i}'.encode() for i in range(nc)]}, fh)
     return d
 

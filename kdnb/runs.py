@@ -625,6 +625,29 @@ def main(argv=None):
         print(f"kdnb: error: {e}", file=sys.stderr); return 2
     return 0
 
+# %% ../nbs/11_runs.ipynb #8e5d121c
+_parser_base, _main_base = _parser, main
+
+def _parser():
+    p = _parser_base()
+    teachers = next(a for a in p._subparsers._group_actions if a.dest == 'cmd').choices['teachers']
+    sub = next(a for a in teachers._subparsers._group_actions if a.dest == 'sub')
+    f = sub.add_parser('finetune', help='fit a linear head of a pretrained teacher on the data (kdnb.teachers.finetune_cli)',
+                       description='Fit a linear head of a pretrained teacher on the target data; writes weights + metadata.')
+    f.add_argument('-p', '--param', nargs=2, action='append', default=[], metavar=('NAME', 'VALUE'),
+                   help='a keyword argument of kdnb.teachers.finetune_cli, e.g. -p teacher vit=vit_small_patch16_224@w.safetensors')
+    return p
+
+def main(argv=None):
+    "Entry point of the `kdnb` command."
+    args = _parser().parse_args(argv)
+    if args.cmd == 'teachers' and args.sub == 'finetune':
+        try: _print_result(_call_entry(['kdnb.teachers:finetune_cli'], args.param, 'teachers finetune'))
+        except KdnbError as e:
+            print(f"kdnb: error: {e}", file=sys.stderr); return 2
+        return 0
+    return _main_base(argv)
+
 # %% ../nbs/11_runs.ipynb #7a2ab136
 #| eval: false
 if __name__ == '__main__': sys.exit(main())

@@ -19,7 +19,7 @@ from .models import TapModel, create_model, resolve_arch, save_weights, weights_
 # %% auto #0
 __all__ = ['ZOO', 'TEACHERS', 'STUDENTS', 'Recipe', 'ZooEntry', 'accuracy', 'train_model', 'teachers_dir', 'check_checkpoint',
            'save_checkpoint', 'train_teachers', 'load_teacher', 'TeacherBank', 'TeacherSpec', 'load_spec_teacher',
-           'finetune_teacher']
+           'finetune_teacher', 'spec_num_classes', 'finetune_cli']
 
 # %% ../nbs/03_teachers.ipynb #c2ccb142
 @dataclass(frozen=True)
@@ -355,7 +355,8 @@ def finetune_teacher(spec, data: ImageData, out=None, epochs: int = 30, lr: floa
     expect(isinstance(epochs, int) and epochs > 0, 'epochs', epochs, 'a positive int')
     dev = pick_device(device) if device is not None else torch.device('cpu')
     seed_everything(seed)
-    back = load_spec_teacher(TeacherSpec(spec.name, spec.arch, spec.weights, spec.input, 'features', spec.kwargs), data, taps=('embedding',)).to(dev)
+    kwargs = {**_meta_of(Path(spec.weights)).get('kwargs', {}), **spec.kwargs}
+    back = load_spec_teacher(TeacherSpec(spec.name, spec.arch, spec.weights, spec.input, 'features', kwargs), data, taps=('embedding',)).to(dev)
     ftr, ytr = _embed(back, data, 'train', dev, batch_size, progress, f'{spec.name}: train embeddings')
     fva, yva = _embed(back, data, 'val', dev, batch_size, progress, f'{spec.name}: val embeddings')
     head = nn.Linear(ftr.shape[1], data.num_classes)
@@ -378,12 +379,12 @@ def finetune_teacher(spec, data: ImageData, out=None, epochs: int = 30, lr: floa
     with torch.no_grad(): clf.weight.copy_(W); clf.bias.copy_(bias)
     path = Path(out) if out is not None else teachers_dir() / 'finetuned' / f"{spec.name}-{data.name.replace(':', '_')}.safetensors"
     save_weights(m, path)
-    meta = dict(arch=spec.arch, kwargs=spec.kwargs, num_classes=data.num_classes, provides='logits', input=back.input_config.to_dict(),
+    meta = dict(arch=spec.arch, kwargs=kwargs, num_classes=data.num_classes, provides='logits', input=back.input_config.to_dict(),
                 base_weights=str(spec.weights), base_sha256=_file_sha256(Path(spec.weights)), data=data.name,
                 data_fingerprint=data.fingerprint, probe=dict(epochs=epochs, lr=lr, val_acc=val_acc, train_n=len(ytr)))
     path.with_suffix('.json').write_text(json.dumps(meta, indent=1, sort_keys=True))
     if verbose: print(f"{spec.name}: linear probe on {data.name}, val_acc {val_acc:.3f} -> {path}")
-    return TeacherSpec(spec.name, spec.arch, str(path), back.input_config.to_dict(), 'logits', dict(spec.kwargs))
+    return TeacherSpec(spec.name, spec.arch, str(path), back.input_config.to_dict(), 'logits', dict(kwargs))
 
 # %% ../nbs/03_teachers.ipynb #b26442c8
 @patch(cls_method=True)
@@ -407,3 +408,24 @@ def from_specs(cls: TeacherBank, specs, data: ImageData | None = None, taps=('lo
                device=device, bf16=bf16)
     for s in specs: bank.teachers[s.name].provides, bank.teachers[s.name].spec = s.provides, s
     return bank
+
+# %% ../nbs/03_teachers.ipynb #332f1c14
+def spec_num_classes(spec) -> int | None:
+    "Number of classes of the head in a teacher spec's weights file (None: no head, a feature-only checkpoint)."
+    from kdnb.models import _peek_shapes
+    spec = TeacherSpec.parse(spec)
+    expect(spec.weights is not None and Path(spec.weights).is_file(), 'weights', spec.weights, 'an existing weights file')
+    timm_name, _ = resolve_arch(spec.arch)
+    cfg = __import__('timm').models.get_pretrained_cfg(timm_name)
+    names = (cfg.classifier if cfg is not None else None) or 'head'
+    names = (names,) if isinstance(names, str) else tuple(names)
+    shapes = _peek_shapes(Path(spec.weights))
+    return next((shapes[f'{c}.weight'][0] for c in names if f'{c}.weight' in shapes), None)
+
+def finetune_cli(teacher: str, dataset: str = 'cifar100', root=None, size: int = 32, epochs: int = 30, out=None,
+                 device: str = 'auto', stream: bool = True, workers: int = 2, lr: float = 1e-2) -> dict:
+    "`kdnb teachers finetune -p teacher NAME=ARCH@WEIGHTS -p dataset cifar100 -p root DIR`: a linear head on the data; prints the new spec."
+    data = load_data(dataset, root, size=size, stream=stream if dataset != 'digits' else False, workers=workers)
+    s = finetune_teacher(teacher, data, out=out, epochs=epochs, lr=lr, device=pick_device(device))
+    meta = json.loads(Path(s.weights).with_suffix('.json').read_text())
+    return dict(spec=f"{s.name}={s.arch}@{s.weights}", val_acc=meta['probe']['val_acc'], input=s.input)
