@@ -33,9 +33,9 @@ def test_missing_cifar_folder(tmp_path):
 
 
 def test_cifar_loads_from_folder(tmp_path):
-    write_fake_cifar(tmp_path, 'cifar100', n_per_batch=30)
+    write_fake_cifar(tmp_path, 'cifar100', n_per_batch=200, n_test=100)   # every class in every split (2 train, 1 test each)
     d = load_data('cifar100', root=tmp_path, size=16)
-    assert d.images.shape == (60, 3, 16, 16) and d.num_classes == 100
+    assert d.images.shape == (300, 3, 16, 16) and d.num_classes == 100
 
 
 @pytest.mark.parametrize('size', [0, 4, 32.0, 'big', 5000])
