@@ -24,10 +24,10 @@ test: setup
 	@bash tools/test.sh
 
 export: setup
-	$(VENV)/bin/nbdev_export
+	$(PY) -m tools.nbdev_run export
 
 clean-nbs: setup
-	$(VENV)/bin/nbdev_clean
+	$(PY) -m tools.nbdev_run clean
 
 .PHONY: bench-mgda
 bench-mgda: setup  ## step time of MGDA-UB / exact MGDA / DTO-KD against a weighted sum

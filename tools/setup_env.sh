@@ -53,5 +53,22 @@ if ! "$PY" -c "import torchvision" 2>/tmp/kdnb-tv-err.$$; then
   fi
 fi
 rm -f /tmp/kdnb-tv-err.$$
-(cd / && "$ABSVENV/bin/python" -c "import torchvision, timm, kdnb.runs; print('   ok: torch', __import__('torch').__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)")
+# nbconvert's templates ('lab', 'classic', ...) live under the share/ of the prefix nbconvert was installed into; a venv
+# on system site-packages searches only its own prefix: link the installed ones in (else HTML export finds no 'lab')
+"$PY" - <<'PYEOF'
+import pathlib, site, sys
+import nbconvert
+from jupyter_core.paths import jupyter_path
+if any((pathlib.Path(p) / 'nbconvert' / 'templates' / 'lab').is_dir() for p in jupyter_path()): raise SystemExit
+pkg = pathlib.Path(nbconvert.__file__).resolve().parent            # <prefix>/lib/pythonX.Y/site-packages/nbconvert
+cands = [pkg.parents[3], pathlib.Path(sys.base_prefix), pathlib.Path(site.getuserbase()), pathlib.Path('/usr/local'), pathlib.Path('/usr')]
+found = next((c / 'share/jupyter/nbconvert/templates' for c in cands if (c / 'share/jupyter/nbconvert/templates/lab').is_dir()), None)
+if found is None: print("   warning: nbconvert's HTML templates not found; HTML export of runs will fail"); raise SystemExit
+dst = pathlib.Path(sys.prefix) / 'share/jupyter/nbconvert/templates'
+dst.mkdir(parents=True, exist_ok=True)
+for t in found.iterdir():
+    if not (dst / t.name).exists(): (dst / t.name).symlink_to(t)
+print(f"   nbconvert templates: linked {found} into {dst}")
+PYEOF
+(cd / && "$ABSVENV/bin/python" -c "import torchvision, timm, kdnb.runs, nbdev, papermill; print('   ok: torch', __import__('torch').__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)")
 echo "$HASH" > "$STAMP"
