@@ -12,6 +12,7 @@ help:
 	@echo "make demo [DEVICE=cuda]  - run the main experiment into runs/demo/"
 	@echo "make test                - the full test suite (what CI runs)"
 	@echo "make bench [DEVICE=cuda] - benchmarks (cache, MGDA, harness overhead, peer) printing measured ratios"
+	@echo "make bench-data          - streamed data and cache at scale (loader vs decode limit, memory, K teachers)"
 	@echo "make export / clean-nbs  - nbdev_export / nbdev_clean"
 
 setup:
@@ -46,4 +47,8 @@ bench-harness: setup  ## kdnb's Distiller vs a minimal hand-written loop, same K
 	$(PY) bench/harness_bench.py --device $(DEVICE)
 
 # every benchmark, each printing its ratios measured side by side in one run
-bench: bench-cache bench-mgda bench-harness bench-peer
+bench: bench-cache bench-mgda bench-harness bench-peer bench-data
+
+.PHONY: bench-data
+bench-data: setup  ## streamed loader vs decode limit, memory vs dataset size, cached K-teacher epochs, cache build vs forward
+	$(PY) bench/data_bench.py --device $(DEVICE)
