@@ -159,3 +159,13 @@ def test_splits_never_miss_a_class(tmp_path):
     tiny = write_fake_imagefolder(tmp_path / 'tiny', ('a', 'b'), n=2, size=16)
     with pytest.raises(KdnbError, match="`splits`.*'test'") as e: load_data('imagefolder', tiny)
     assert "'a': 2" in str(e.value)
+
+
+def test_cli_teachers_finetune(world, tmp_path, capsys):
+    from kdnb.runs import main
+    rc = main(['teachers', 'finetune', '-p', 'teacher', _specs(world)[0], '-p', 'dataset', 'imagefolder', '-p', 'root', str(world / 'pets'),
+               '-p', 'epochs', '2', '-p', 'workers', '0', '-p', 'out', str(tmp_path / 'r3.safetensors'), '-p', 'device', 'cpu'])
+    assert rc == 0 and f"res=resnet10t@{tmp_path / 'r3.safetensors'}" in capsys.readouterr().out
+    assert json.loads((tmp_path / 'r3.json').read_text())['num_classes'] == 3
+    assert main(['teachers', 'finetune', '-p', 'teacher', f'x=resnet10t@{tmp_path}/none.safetensors', '-p', 'dataset', 'imagefolder',
+                 '-p', 'root', str(world / 'pets'), '-p', 'workers', '0']) == 2          # a KdnbError, printed
