@@ -277,12 +277,69 @@ def _build_lock(path: Path):
         try: yield
         finally: fcntl.flock(f, fcntl.LOCK_UN)
 
+def _rank_world(rank, world_size) -> tuple:
+    "This process's shard of a build: explicit, else torchrun's RANK / WORLD_SIZE, else (0, 1)."
+    r = int(os.environ.get('RANK', 0)) if rank is None else rank
+    w = int(os.environ.get('WORLD_SIZE', 1)) if world_size is None else world_size
+    expect(isinstance(w, int) and w >= 1 and isinstance(r, int) and 0 <= r < w, 'rank', (r, w), '0 <= rank < world_size')
+    return r, w
+
+def _rank_done(part: Path) -> set:
+    "Chunks that any rank recorded as written (`PART.rank<r>` files)."
+    out = set()
+    for f in part.parent.glob(part.name + '.rank*'):
+        try: out |= set(json.loads(f.read_text()))
+        except (OSError, ValueError): pass
+    return out
+
+def _fill(part: Path, h: dict, bank, data, spec, rows, todo, workers, progress, record):
+    "Compute the teachers' outputs of chunks `todo` into the part file; `record(c)` after each chunk is on disk."
+    from tqdm.auto import tqdm
+    mm = {k: np.memmap(part, dtype=a['dtype'], mode='r+', offset=a['offset'], shape=tuple(a['shape'])) for k, a in h['arrays'].items()}
+    views = spec['transform']['views']; nv, cs = max(views, 1), h['chunk_size']
+    aug = torch.from_numpy(np.asarray(mm['aug'])) if views else None
+    crop = spec['transform']['augmentation'] == 'crop_flip'
+    dev = getattr(bank, 'device', torch.device('cpu'))
+    bar = tqdm(total=sum(len(rows[c * cs:(c + 1) * cs]) for c in todo) * nv, desc=f'cache {part.name}', unit='img', disable=not progress)
+    for c, x0 in _chunks(data, rows, todo, cs, workers):
+        rr = np.arange(c * cs, min((c + 1) * cs, len(rows)))
+        x0 = data.normalize(x0.to(dev, non_blocking=True))
+        for v in range(nv):
+            out_rows = rr * nv + v
+            x = (crop_flip(x0, aug[out_rows]) if crop else shift_images(x0, aug[out_rows])) if views else x0
+            for t, taps in bank(x).items():
+                for name in taps.present():
+                    val = getattr(taps, name)
+                    for sub, ten in (val.items() if isinstance(val, dict) else [('', val)]):
+                        key = f'{t}/{name}' + (f'/{sub}' if sub else '')
+                        if f'{key}/topv' in mm:
+                            tv, ti, ls = topk_logits(ten, spec['storage']['topk'])
+                            mm[f'{key}/topv'][out_rows] = tv.cpu().numpy(); mm[f'{key}/topi'][out_rows] = ti.cpu().numpy()
+                            mm[f'{key}/lse'][out_rows] = ls.cpu().numpy()
+                        else: mm[key][out_rows] = ten.float().cpu().numpy()
+            bar.update(len(rr))
+        for a in mm.values(): a.flush()
+        record(c)
+    bar.close()
+
+def _finish(part: Path, path: Path, h: dict):
+    "Checksums, `complete`, then the atomic rename: readers only ever see complete caches."
+    mm = {k: np.memmap(part, dtype=a['dtype'], mode='r', offset=a['offset'], shape=tuple(a['shape'])) for k, a in h['arrays'].items()}
+    h['checksums'] = {k: _crc(a) for k, a in mm.items()}; h['complete'] = True; h['chunks_done'] = list(range(h['n_chunks']))
+    del mm
+    _write_header(part, h, h['_header_bytes'])
+    os.replace(part, path)            # open readers keep the old file
+    for f in part.parent.glob(part.name + '.rank*'): f.unlink(missing_ok=True)
+
 def build_cache(bank=None, data: ImageData | None = None, path=None, splits=None, dtype: str = 'float16',
                 topk: int | None = None, views: int = 0, max_shift: int = 2, aug_seed: int = 0, chunk_size: int = 256,
                 progress: bool = True, verify: bool = True, rebuild: bool = False, teachers=None, taps=('logits',),
-                verbose: bool = True, augment: Augmentation | None = None, workers: int | None = None) -> TeacherCache:
-    "Open, resume or (re)build the cache of `bank`'s outputs on `data` (default: zoo teachers, digits); CED-style offline teaching (arXiv:2308.11957)."
-    from tqdm.auto import tqdm
+                verbose: bool = True, augment: Augmentation | None = None, workers: int | None = None,
+                rank: int | None = None, world_size: int | None = None, wait_s: float = 3600) -> TeacherCache:
+    """Open, resume or (re)build the cache of `bank`'s outputs on `data` (default: zoo teachers, digits); CED-style offline teaching (arXiv:2308.11957).
+
+    Under `torchrun` (or with `rank`/`world_size`) each rank computes the chunks `c % world_size == rank` into the one
+    file set and records them in `PATH.part.rank<r>`; the last rank to finish checksums and publishes the file."""
     from kdnb.data import load_data
     data = data if data is not None else load_data('digits')
     if bank is None:
@@ -290,12 +347,14 @@ def build_cache(bank=None, data: ImageData | None = None, path=None, splits=None
         bank = TeacherBank.from_zoo(teachers or TEACHERS, data, taps=taps)
     expect(callable(bank) and callable(getattr(bank, 'spec', None)), 'bank', type(bank).__name__, 'a TeacherBank (callable with .spec())')
     expect(isinstance(chunk_size, int) and chunk_size > 0, 'chunk_size', chunk_size, 'a positive int')
+    rank, world = _rank_world(rank, world_size)
+    expect(not (rebuild and world > 1), 'rebuild', rebuild, 'False when several ranks build (delete the cache file once instead)')
     spec = cache_spec(bank, data, splits, dtype, topk, views, max_shift, aug_seed, augment)
     path = Path(path) if path is not None else default_cache_path(data, spec)
     rows = np.unique(np.concatenate([np.asarray(data.splits[s], dtype=np.int64) for s in spec['rows']['splits']]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _build_lock(path):        # one builder per cache file; a process that waited finds the finished cache
-        part = path.with_name(path.name + '.part')
+    part = path.with_name(path.name + '.part')
+    with _build_lock(path):        # one process checks and creates; with one rank it also builds, the others then find it done
         why = 'rebuild requested' if rebuild else _problem(path, verify)
         if why is None:
             diff = spec_diff(_read_header(path)['spec'], spec)
@@ -307,39 +366,33 @@ def build_cache(bank=None, data: ImageData | None = None, path=None, splits=None
             except (KdnbError, ValueError, UnicodeDecodeError, OSError): old = None
             if old and not spec_diff(old['spec'], spec) and part.stat().st_size >= old['total_bytes']:
                 h = old
-                if verbose: print(f"{path.name}: resuming an interrupted build ({len(h['chunks_done'])} of {h['n_chunks']} chunks done)")
+                n_done = len(set(h['chunks_done']) | _rank_done(part))
+                if verbose: print(f"{path.name}: resuming an interrupted build ({n_done} of {h['n_chunks']} chunks done)")
         if h is None:
             if verbose and why != 'no cache file': print(f"{path.name}: rebuilding ({why})")
+            for f in part.parent.glob(part.name + '.rank*'): f.unlink(missing_ok=True)
             h = _create(part, bank, data, spec, rows, chunk_size)
-        mm = {k: np.memmap(part, dtype=a['dtype'], mode='r+', offset=a['offset'], shape=tuple(a['shape'])) for k, a in h['arrays'].items()}
-        nv, cs, done = max(views, 1), h['chunk_size'], set(h['chunks_done'])
-        aug = torch.from_numpy(np.asarray(mm['aug'])) if views else None
-        crop = spec['transform']['augmentation'] == 'crop_flip'
-        dev = getattr(bank, 'device', torch.device('cpu'))
-        todo = [c for c in range(h['n_chunks']) if c not in done]
-        bar = tqdm(total=sum(len(rows[c * cs:(c + 1) * cs]) for c in todo) * nv, desc=f'cache {path.name}', unit='img', disable=not progress)
-        for c, x0 in _chunks(data, rows, todo, cs, workers):
-            rr = np.arange(c * cs, min((c + 1) * cs, len(rows)))
-            x0 = data.normalize(x0.to(dev, non_blocking=True))
-            for v in range(nv):
-                out_rows = rr * nv + v
-                x = (crop_flip(x0, aug[out_rows]) if crop else shift_images(x0, aug[out_rows])) if views else x0
-                for t, taps in bank(x).items():
-                    for name in taps.present():
-                        val = getattr(taps, name)
-                        for sub, ten in (val.items() if isinstance(val, dict) else [('', val)]):
-                            key = f'{t}/{name}' + (f'/{sub}' if sub else '')
-                            if f'{key}/topv' in mm:
-                                tv, ti, ls = topk_logits(ten, spec['storage']['topk'])
-                                mm[f'{key}/topv'][out_rows] = tv.cpu().numpy(); mm[f'{key}/topi'][out_rows] = ti.cpu().numpy()
-                                mm[f'{key}/lse'][out_rows] = ls.cpu().numpy()
-                            else: mm[key][out_rows] = ten.float().cpu().numpy()
-                bar.update(len(rr))
-            for a in mm.values(): a.flush()
-            h['chunks_done'] = sorted(set(h['chunks_done']) | {c}); _write_header(part, h, h['_header_bytes'])
-        bar.close()
-        h['checksums'] = {k: _crc(a) for k, a in mm.items()}; h['complete'] = True
-        _write_header(part, h, h['_header_bytes'])
-        del mm
-        os.replace(part, path)    # readers only ever see complete caches; open ones keep the old file
-        return _attach(TeacherCache(path, verify=False), data)
+        done = set(h['chunks_done']) | _rank_done(part)
+        if world == 1:
+            def record(c):
+                h['chunks_done'] = sorted(set(h['chunks_done']) | {c}); _write_header(part, h, h['_header_bytes'])
+            _fill(part, h, bank, data, spec, rows, [c for c in range(h['n_chunks']) if c not in done], workers, progress, record)
+            _finish(part, path, h)
+            return _attach(TeacherCache(path, verify=False), data)
+    mine, rfile = set(), part.with_name(part.name + f'.rank{rank}')
+    if rfile.exists(): mine = set(json.loads(rfile.read_text()))
+    def record(c):
+        mine.add(c); tmp = rfile.with_name(rfile.name + '.tmp'); tmp.write_text(json.dumps(sorted(mine))); os.replace(tmp, rfile)
+    _fill(part, h, bank, data, spec, rows, [c for c in range(h['n_chunks']) if c % world == rank and c not in done], workers,
+          progress and rank == 0, record)
+    t0 = time.time()
+    while True:                    # wait for the other ranks' shards
+        if _problem(path, False) is None and not spec_diff(_read_header(path)['spec'], spec): break
+        if set(range(h['n_chunks'])) <= set(h['chunks_done']) | _rank_done(part):
+            with _build_lock(path):   # every chunk is written: the first rank here publishes the file
+                published = _problem(path, False) is None and not spec_diff(_read_header(path)['spec'], spec)
+                if not published and part.exists(): _finish(part, path, _read_header(part))
+            continue
+        expect(time.time() - t0 < wait_s, 'wait_s', wait_s, f"enough seconds for the other ranks to write their chunks of {path.name}")
+        time.sleep(0.2)
+    return _attach(TeacherCache(path, verify=False), data)

@@ -405,8 +405,9 @@ def _decode_tf(size: int, crop_pct: float = 1.0):
     return [t for t in tf.transforms if 'ToTensor' not in type(t).__name__]
 
 def _to_uint8(im, channels: int) -> torch.Tensor:
-    a = np.asarray(im, dtype=np.uint8)
-    return torch.from_numpy(a.copy())[None] if channels == 1 else torch.from_numpy(a.transpose(2, 0, 1).copy())
+    "A PIL image as uint8 `(C, H, W)` (one copy; the channel axis is a view, made contiguous by the batch's stack)."
+    a = torch.from_numpy(np.array(im, dtype=np.uint8))
+    return a[None] if channels == 1 else a.permute(2, 0, 1)
 
 class LazyImages:
     "Images decoded on read: `images[idx]` -> uint8 `(n, C, S, S)`, from image files or a uint8 memory map."
@@ -608,8 +609,8 @@ class _OrderSampler(torch.utils.data.Sampler):
     def __len__(self): return len(self.loader.order())
 
 def _collate(batch):
-    x, y, i, v = zip(*batch)
-    return torch.stack(x), torch.stack([torch.as_tensor(t) for t in y]), torch.as_tensor(i, dtype=torch.long), torch.stack(v)
+    "torch's `default_collate`: in a worker, the batch is stacked straight into shared memory (no extra copy)."
+    return torch.utils.data.default_collate(batch)
 
 class StreamLoader:
     """Batches `(x, y, idx)` of a `StreamData` split through a `torch.utils.data.DataLoader`: uint8 pixels decoded in

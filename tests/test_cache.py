@@ -218,3 +218,18 @@ def test_default_path_and_no_import_cycle(tmp_path, bank, monkeypatch):
     assert c.names == list(TEACHERS)                       # the bank's order, not the header's sorted keys
     v = build_cache(bank, DIGITS, splits='val', views=2, progress=False)
     assert v.path.name == 'digits-resnet_t+vit_t+convnext_t-val-float16-v2s2a0.kdc' and c.path.exists()
+
+
+def test_ranks_build_their_own_shards_of_one_file(tmp_path, bank):
+    "Rank 0 of 2 writes only its chunks (then gives up waiting); rank 1 writes the rest and publishes; equal to a one-process build."
+    p = tmp_path / 'r.kdc'
+    with pytest.raises(KdnbError, match='`wait_s`'):
+        build_cache(bank, DIGITS, p, splits='val', chunk_size=32, progress=False, rank=0, world_size=2, wait_s=0.3)
+    n_chunks = -(-len(DIGITS.splits['val']) // 32)
+    assert json.loads((tmp_path / 'r.kdc.part.rank0').read_text()) == list(range(0, n_chunks, 2)) and not p.exists()
+    two = build_cache(bank, DIGITS, p, splits='val', chunk_size=32, progress=False, rank=1, world_size=2)
+    assert not list(tmp_path.glob('r.kdc.part*')) and TeacherCache(p).header['complete']        # checksums verified on open
+    one = build_cache(bank, DIGITS, tmp_path / 'one.kdc', splits='val', chunk_size=32, progress=False)
+    idx = torch.as_tensor(DIGITS.splits['val'])
+    for t in bank.names: assert torch.equal(one.lookup(idx)[t].logits, two.lookup(idx)[t].logits)
+    with pytest.raises(KdnbError, match='`rebuild`'): build_cache(bank, DIGITS, p, splits='val', rebuild=True, rank=0, world_size=2)
