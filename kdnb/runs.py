@@ -18,7 +18,7 @@ __all__ = ['PALETTE', 'MATCH_MODES', 'DEMO_TEMPLATE', 'tqdm', 'did_you_mean', 't
            'compare_at_equal_compute', 'comparison_verdict', 'comparison_frame', 'comparison_figure', 'results_table',
            'demo', 'read_grid', 'report', 'main']
 
-# %% ../nbs/11_runs.ipynb #588ea61c
+# %% ../nbs/11_runs.ipynb #22e6988e
 class _LineWriter:
     "A file for text tqdm bars that turns each redraw (`\\r...`) into its own line (a saved notebook shows them all)."
     def __init__(self, stream=None): self.stream = stream
@@ -291,7 +291,7 @@ def _error_text(e: BaseException) -> str:
     if hasattr(e, 'ename') and hasattr(e, 'evalue'): return f"{e.ename}: {e.evalue}"   # papermill's cell error
     return f"{type(e).__name__}: {e}"
 
-# %% ../nbs/11_runs.ipynb #6376ead3
+# %% ../nbs/11_runs.ipynb #8e83e576
 def _last_json_line(path: Path) -> dict | None:
     "The last complete JSON line of a file (reads only its end)."
     try:
@@ -305,7 +305,7 @@ def _last_json_line(path: Path) -> dict | None:
 
 def epoch_line(name: str, rec: dict, log: dict | None = None) -> str:
     "One line for a finished epoch: `name`, epoch, step, the latest losses (from `log`), val accuracy, seconds."
-    parts = [f"{name}  epoch {rec.get('epoch', '?'):g}" if isinstance(rec.get('epoch'), (int, float)) else f"{name}  epoch ?"]
+    parts = [f"{name}  epoch {rec.get('epoch', '?'):.4g}" if isinstance(rec.get('epoch'), (int, float)) else f"{name}  epoch ?"]
     if 'step' in rec: parts.append(f"step {rec['step']}")
     if log and isinstance(log.get('loss'), (int, float)):
         comps = {k[5:]: v for k, v in log.items() if k.startswith('loss/') and isinstance(v, (int, float))}
@@ -354,7 +354,7 @@ class EpochStream:
     def __exit__(self, *exc):
         self._stop.set(); self._thread.join(); self.poll()
 
-# %% ../nbs/11_runs.ipynb #0cc69145
+# %% ../nbs/11_runs.ipynb #69d83ccf
 def run(template, params: dict | None = None, out_dir=None, progress: bool = True, kernel: str | None = None,
         stream: bool | None = None, hide_code: bool = False, prefix: str = '') -> dict:
     """Execute `template` with papermill into `out_dir`; returns the run's metrics. `stream` (default: `progress`)
@@ -593,7 +593,7 @@ def plot_results(df, x=None, y='primary.test_acc', color=None, title=None):
                       barmode='group', height=380, legend_title=color or '')
     return fig
 
-# %% ../nbs/11_runs.ipynb #9d98284f
+# %% ../nbs/11_runs.ipynb #635448da
 PALETTE = ('#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#7f7f7f', '#bcbd22', '#17becf')
 
 def model_colors(names, offset: int = 0) -> dict:
@@ -780,7 +780,10 @@ def compare_at_equal_compute(method_template, method_params: dict | None, baseli
     spe, exact = _steps_per_epoch(ref[0]['entry']) if ref else (None, False)
     epochs = max(1, math.ceil(n / spe) + (0 if exact else 1)) if spe else max_epochs
     matched = dict(bparams, epochs=epochs, budget_steps=n, budget_seconds=None)
-    e_runs = runs_of(f'baseline_equal_{match}', bpath, matched, baseline_key, 'baseline_key')
+    same = bool(d_runs) and all((r['entry'].get('schedule') or {}).get('planned_steps') == n
+                                and (r['entry'].get('schedule') or {}).get('complete') for r in d_runs)
+    if same: matched, epochs = dict(bparams), bparams.get('epochs', epochs)   # its own settings plan exactly this budget
+    e_runs = d_runs if same else runs_of(f'baseline_equal_{match}', bpath, matched, baseline_key, 'baseline_key')
 
     test_size = next((r['metrics'].get('test_size') for r in m_runs + e_runs if isinstance(r['metrics'].get('test_size'), int)), None)
     groups = dict(method=m_runs, baseline_equal=e_runs, **({'baseline_default': d_runs} if d_runs else {}))
@@ -806,7 +809,7 @@ def compare_at_equal_compute(method_template, method_params: dict | None, baseli
     entry = lambda r: dict(template=Path(r['metrics'].get('template') or '').stem or None, key=r['key'], seed=r['seed'],
                            test_acc=r['entry']['test_acc'], compute=r['entry']['compute'], schedule=r['entry'].get('schedule'),
                            params=_jsonable({k: v for k, v in r['params'].items() if k != 'out_dir'}), dir=r['dir'].name)
-    budget_info = {budget_param: budget, 'budget_steps': n, 'baseline_epochs': epochs}
+    budget_info = {budget_param: budget, 'budget_steps': n, 'baseline_epochs': epochs, 'own_settings_match': same}
     if step_s is not None: budget_info['baseline_step_s_measured'] = step_s
     out = dict(match=match, seeds=seeds, test_size=test_size, budget=budget_info,
                method=entry(m_runs[0]), baseline_equal=entry(e_runs[0]), baseline_default=entry(d_runs[0]) if d_runs else None,
@@ -828,7 +831,8 @@ def comparison_verdict(cmp: dict) -> list[str]:
     "The sentences a comparison supports: the budget, the matched wall clock and its noise, the schedule, the differences."
     b, t = cmp['budget'], cmp['timing']
     lines = [f"budget: the method's {cmp['match']} = {b.get(MATCH_MODES[cmp['match']][1]):.4g}; the baseline is planned for "
-             f"{b['budget_steps']} steps ({b['baseline_epochs']} epochs)"
+             f"{b['budget_steps']} steps ({b['baseline_epochs']} epoch(s))"
+             + (' = its own settings, which plan exactly this budget (that run is reused)' if b.get('own_settings_match') else '')
              + (f", from its measured {1000 * b['baseline_step_s_measured']:.2f} ms/step" if 'baseline_step_s_measured' in b else '')]
     nz = t.get('step_time_noise')
     lines.append(f"wall clock: method {t['method_wall_s']:.2f} s, baseline at equal {cmp['match']} {t['baseline_equal_wall_s']:.2f} s "
