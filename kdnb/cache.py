@@ -239,7 +239,7 @@ def build_cache(bank=None, data: ImageData | None = None, path=None, splits=None
                 progress: bool = True, verify: bool = True, rebuild: bool = False, teachers=None, taps=('logits',),
                 verbose: bool = True) -> TeacherCache:
     "Open, resume or (re)build the cache of `bank`'s outputs on `data` (default: zoo teachers, digits); CED-style offline teaching (arXiv:2308.11957)."
-    from tqdm.auto import tqdm
+    from kdnb.runs import tqdm          # text bars outside a live Jupyter frontend
     from kdnb.data import load_data
     data = data if data is not None else load_data('digits')
     if bank is None:

@@ -81,7 +81,7 @@ def accuracy(model: nn.Module, data: ImageData, split: str = 'val', batch_size: 
 def train_model(arch: str, data: ImageData, recipe: Recipe = Recipe(), seed: int = 0, progress: bool = True,
                 desc: str | None = None) -> tuple:
     "Train `arch` on `data`'s train split with `recipe`; returns `(TapModel in eval mode, info dict)`."
-    from tqdm.auto import tqdm
+    from kdnb.runs import tqdm          # text bars outside a live Jupyter frontend
     seed_everything(seed)
     model = create_model(arch, data.num_classes, data.channels, img_size=data.size)
     dl = TensorLoader(data, 'train', recipe.batch_size, seed=seed, drop_last=len(data.splits['train']) >= recipe.batch_size)

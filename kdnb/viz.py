@@ -321,6 +321,7 @@ class MGDAExplorer(Explorer):
         self._hold, self.run_log, self.run_fig, self.step = False, None, None, None
         self.k = W.ToggleButtons(options=[2, 3], value=k, description='gradients')
         self.preset = W.Dropdown(options=['(sliders)'] + list(PRESETS), value='(sliders)', description='preset')
+        self.preset.add_class('kdnb-mgda-preset')
         self.angle = [W.FloatSlider(value=float(angles[i]), min=-180.0, max=360.0, step=1.0, description=f'angle g{i + 1} (°)',
                                     continuous_update=True) for i in range(3)]
         self.norm = [W.FloatSlider(value=float(norms[i]), min=0.0, max=max_norm, step=max_norm / 300, description=f'|g{i + 1}|',
