@@ -64,28 +64,6 @@ TRACE_JS = """([sel, name]) => { const el = document.querySelector(sel + ' .js-p
 def _trace(page, sel, name): return page.evaluate(TRACE_JS, [sel, name])
 
 
-TABLE_JS = """([sel, idx]) => { const box = document.querySelectorAll(sel)[idx]; if (!box) return null;
-  const plots = box.querySelectorAll('.js-plotly-plot'); const el = plots[plots.length - 1]; if (!el) return null;
-  return Array.from(el.querySelectorAll('.y-column')).map(c => Array.from(c.querySelectorAll('.cell-text'))
-    .map(t => t.textContent.trim()).filter(t => t.length > 0)); }"""
-
-
-def _check_table(page, sel, idx, what):
-    "The corollary table as drawn: 7 row labels in the first column, a text in every cell of the three method columns."
-    ok = ("([sel, idx]) => { const t = (" + TABLE_JS + ")([sel, idx]);"
-          " return !!t && t.length === 4 && t[0].length >= 7 && t.slice(1).every(c => c.length >= 8); }")
-    try: page.wait_for_function(ok, arg=[sel, idx], timeout=20_000)
-    except Exception: pass
-    cols = page.evaluate(TABLE_JS, [sel, idx])
-    assert cols and len(cols) == 4, (what, cols)
-    labels = [t for t in cols[0] if t]
-    assert len(set(labels)) == 7 and {l.split(':')[0] for l in labels} >= {'1', '2', '2 (inner)', '3', '4'}, (what, labels)
-    assert '|d|' in labels and any(l.startswith('proj.') for l in labels), (what, labels)
-    for c in cols[1:]:
-        assert c[0] in ('sum / K', 'MGDA', 'DTO-KD') and len(c) == 8, (what, c)
-    return cols
-
-
 def _min_norm_point(g1, g2):
     "Two-gradient min-norm point (Sener & Koltun, NeurIPS 2018), computed here independently."
     d = [g1[0] - g2[0], g1[1] - g2[1]]; den = d[0] ** 2 + d[1] ** 2
@@ -151,20 +129,10 @@ def test_explorers_in_jupyterlab(tmp_path):
                 assert abs(gs['x'][1] - want[0]) < 1e-6 and abs(gs['y'][1] - want[1]) < 1e-6, (gs, want)
                 box.screenshot(path=str(ART / '02_mgda_after.png'))
 
-                # 1a. a preset change redraws everything: the corollary table has its row labels and rows
-                box.locator('.kdnb-mgda-preset select').select_option('antiparallel (180°)')
-                page.wait_for_function(f"() => {{ const el = document.querySelector('{mg} .js-plotly-plot');"
-                                       f" const t = el && el.data.find(d => d.name === 'g2'); return t && t.x[1] < -1.4; }}", timeout=30_000)
-                page.wait_for_timeout(800)
-                cols = _check_table(page, mg, 0, 'after a preset change')
-                assert cols[2][1] == 'FAILS', cols                       # antiparallel: MGDA's corollary 1 fails
-                box.screenshot(path=str(ART / '02b_mgda_preset.png'))
-
                 # 1b. run mode: the time series is drawn
                 run_box = page.locator(mg).nth(1)
                 run_box.scroll_into_view_if_needed(); page.wait_for_timeout(500)
                 run_box.screenshot(path=str(ART / '03_mgda_run.png'))
-                _check_table(page, mg, 1, 'in run mode')
                 assert run_box.locator('.kdnb-mgda-step').count() == 1
                 plots = "document.querySelectorAll('.kdnb-mgda-explorer')[1].querySelectorAll('.js-plotly-plot')"
                 sel0 = page.evaluate(f"() => {plots}[0].data.find(d => d.name === 'selected cos').x[0]")
@@ -175,7 +143,6 @@ def test_explorers_in_jupyterlab(tmp_path):
                 bars = page.evaluate(f"() => {{ const t = {plots}[1].data.find(d => d.name === 'weights MGDA'); return [Array.from(t.x), Array.from(t.y)]; }}")
                 assert bars[0] == ['resnet_t', 'vit_t'] and abs(sum(bars[1]) - 1) < 1e-9, bars
                 run_box.screenshot(path=str(ART / '03b_mgda_run_scrubbed.png'))
-                _check_table(page, mg, 1, 'in run mode, after scrubbing')
 
                 # 2. tokens: the attention heatmap is drawn over the image
                 tk = page.locator('.kdnb-tokens-explorer').nth(1)
