@@ -294,7 +294,7 @@ def _rank_done(part: Path) -> set:
 
 def _fill(part: Path, h: dict, bank, data, spec, rows, todo, workers, progress, record):
     "Compute the teachers' outputs of chunks `todo` into the part file; `record(c)` after each chunk is on disk."
-    from tqdm.auto import tqdm
+    from kdnb.runs import tqdm          # text bars outside a live Jupyter frontend
     mm = {k: np.memmap(part, dtype=a['dtype'], mode='r+', offset=a['offset'], shape=tuple(a['shape'])) for k, a in h['arrays'].items()}
     views = spec['transform']['views']; nv, cs = max(views, 1), h['chunk_size']
     aug = torch.from_numpy(np.asarray(mm['aug'])) if views else None

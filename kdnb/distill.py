@@ -402,7 +402,7 @@ class Distiller:
 
     def fit(self) -> 'Distiller':
         "Train until the epochs or a budget run out; checkpoints, logs, progress bars, best/last evaluation."
-        from tqdm.auto import tqdm
+        from kdnb.runs import tqdm          # text bars outside a live Jupyter frontend
         if self.out_dir is not None and self.rank == 0: self.out_dir.mkdir(parents=True, exist_ok=True)
         total, spe = self.total_steps(), self.steps_per_epoch
         bar = tqdm(total=total, initial=self.compute.steps, desc=self.name, disable=not self.progress)

@@ -4,19 +4,47 @@
 
 # %% ../nbs/11_runs.ipynb #cb827851
 from __future__ import annotations
-import argparse, ast, hashlib, itertools, json, os, re, shutil, socket, sys, time
+import argparse, ast, difflib, hashlib, itertools, json, math, os, re, shutil, socket, sys, textwrap, threading, time
 from pathlib import Path
 from .core import KdnbError, expect
 from .data import project_root
 
 # %% auto #0
-__all__ = ['MATCH_MODES', 'DEMO_TEMPLATE', 'templates_dir', 'list_templates', 'find_template', 'template_parameters',
-           'check_params', 'toy_template', 'export_html', 'run_status', 'is_complete', 'run', 'expand_grid',
-           'point_name', 'sweep', 'metrics_row', 'collect_results', 'write_results', 'find_sweeps', 'load_results',
-           'plot_results', 'compare_at_equal_compute', 'comparison_frame', 'results_table', 'demo', 'read_grid',
-           'report', 'main']
+__all__ = ['PALETTE', 'MATCH_MODES', 'DEMO_TEMPLATE', 'tqdm', 'did_you_mean', 'templates_dir', 'list_templates', 'find_template',
+           'template_parameters', 'template_info', 'templates_table', 'check_params', 'toy_template', 'export_html',
+           'run_status', 'is_complete', 'epoch_line', 'EpochStream', 'run', 'expand_grid', 'point_name', 'sweep',
+           'metrics_row', 'collect_results', 'write_results', 'find_sweeps', 'load_results', 'plot_results',
+           'model_colors', 'metric_bars', 'plot_methods', 'schedule_state', 'acc_stats', 'acc_difference',
+           'compare_at_equal_compute', 'comparison_verdict', 'comparison_frame', 'comparison_figure', 'results_table',
+           'demo', 'read_grid', 'report', 'main']
+
+# %% ../nbs/11_runs.ipynb #22e6988e
+class _LineWriter:
+    "A file for text tqdm bars that turns each redraw (`\\r...`) into its own line (a saved notebook shows them all)."
+    def __init__(self, stream=None): self.stream = stream
+    def write(self, s):
+        s = s.replace('\r', '').rstrip('\n')
+        if s.strip(): (self.stream or sys.stderr).write(s + '\n')
+    def flush(self): (self.stream or sys.stderr).flush()
+
+def tqdm(*args, **kwargs):
+    """A tqdm progress bar: the notebook widget in a live Jupyter frontend, text in a terminal, and one text line per
+    `mininterval` (10 s by default) in a kernel started by `kdnb.runs.run` (environment `KDNB_PROGRESS=text`)."""
+    mode = os.environ.get('KDNB_PROGRESS', '')
+    if mode == 'text':
+        from tqdm.std import tqdm as text_bar
+        kwargs.setdefault('mininterval', 10.0); kwargs.setdefault('ascii', True); kwargs.setdefault('ncols', 100)
+        kwargs.setdefault('file', _LineWriter(kwargs.pop('file', None)))
+        return text_bar(*args, **kwargs)
+    from tqdm.auto import tqdm as auto_bar
+    return auto_bar(*args, **kwargs)
 
 # %% ../nbs/11_runs.ipynb #7bf929c1
+def did_you_mean(name, options) -> str:
+    "'Did you mean ...?' naming the options closest to `name` (empty when none is close)."
+    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=3, cutoff=0.6)
+    return f"Did you mean {' or '.join(repr(c) for c in close)}?" if close else ''
+
 def templates_dir() -> Path:
     "Folder of the experiment templates (`nbs/experiments` of the checkout, or `$KDNB_TEMPLATES`)."
     if os.environ.get('KDNB_TEMPLATES'): return Path(os.environ['KDNB_TEMPLATES'])
@@ -33,27 +61,84 @@ def find_template(template) -> Path:
     p = Path(template)
     if p.suffix == '.ipynb' and p.exists(): return p
     q = templates_dir() / f"{p.stem}.ipynb"
-    expect(q.exists(), 'template', str(template), f"a notebook path or one of {list_templates()}")
+    expect(q.exists(), 'template', str(template), f"a notebook path or one of {list_templates()}",
+           hint=did_you_mean(p.stem, list_templates()))
     return q
 
-def template_parameters(template) -> dict:
-    "The template's parameters and their default values, read from its `parameters` cell."
+def _parameters_cell(template):
     import nbformat
     nb = nbformat.read(find_template(template), as_version=4)
     cells = [c for c in nb.cells if 'parameters' in c.get('metadata', {}).get('tags', [])]
     expect(len(cells) == 1, 'template', str(template), "a notebook with exactly one cell tagged 'parameters'")
+    return nb, cells[0].source
+
+def template_parameters(template) -> dict:
+    "The template's parameters and their default values, read from its `parameters` cell."
     out = {}
-    for node in ast.parse(cells[0].source).body:
+    for node in ast.parse(_parameters_cell(template)[1]).body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             try: out[node.targets[0].id] = ast.literal_eval(node.value)
             except ValueError: out[node.targets[0].id] = ast.unparse(node.value)
     return out
 
+def template_info(template) -> dict:
+    "A template's title (its first heading) and parameters as `(name, default, comment)` rows."
+    import io, tokenize
+    nb, source = _parameters_cell(template)
+    heads = [l.lstrip('# ').strip() for c in nb.cells if c.cell_type == 'markdown' for l in c.source.splitlines() if l.startswith('# ')]
+    comments = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT: comments[tok.start[0]] = tok.string.lstrip('#').strip()
+    rows = []
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            rows.append((node.targets[0].id, ast.get_source_segment(source, node.value), comments.get(node.end_lineno, '')))
+    return dict(name=find_template(template).stem, title=heads[0] if heads else '', params=rows)
+
+def templates_table(template=None, width: int = 100) -> str:
+    "Text table of the templates (name, title, parameters), or of one template's parameters (name, default, comment)."
+    if template is not None:
+        info = template_info(template)
+        w1 = max([len(n) for n, _, _ in info['params']] + [9]); w2 = min(max([len(d) for _, d, _ in info['params']] + [7]), 40)
+        lines = [f"{info['name']}: {info['title']}", '', f"{'parameter':{w1}s}  {'default':{w2}s}  note", '-' * min(width, w1 + w2 + 30)]
+        lines += [f"{n:{w1}s}  {d:{w2}s}  {c}".rstrip() for n, d, c in info['params']]
+        return '\n'.join(lines)
+    names = list_templates()
+    w = max([len(n) for n in names] + [8])
+    lines = [f"{'template':{w}s}  what (parameters)", '-' * width]
+    for n in names:
+        info = template_info(n)
+        lines.append(f"{n:{w}s}  {info['title']}")
+        lines += textwrap.wrap(' '.join(p for p, _, _ in info['params']), width - w - 4, initial_indent=' ' * (w + 4),
+                               subsequent_indent=' ' * (w + 4))
+    lines.append(f"\n`kdnb templates NAME` lists one template's parameters with their defaults.")
+    return '\n'.join(lines)
+
 # %% ../nbs/11_runs.ipynb #4ff4e909
+def _literal(value: str):
+    "A command-line value as Python literal, else YAML (`[kd, dkd]`, `{a: 1}`), else the string itself."
+    try: return ast.literal_eval(value)
+    except (ValueError, SyntaxError): pass
+    if value[:1] in '[{':
+        import yaml
+        try: return yaml.safe_load(value)
+        except yaml.YAMLError: pass
+    return value
+
+def _as_list(name, value, default):
+    "A list parameter from `kd,dkd`, `[kd, dkd]`, `['kd', 'dkd']` or one name."
+    v = _literal(value) if isinstance(value, str) else value
+    if isinstance(v, str): v = [_literal(s.strip()) for s in v.split(',') if s.strip()]
+    if isinstance(v, tuple): v = list(v)
+    if not isinstance(v, list): v = [v]
+    expect(len(v) > 0 or len(default) == 0, name, value, f"a non-empty list like {','.join(map(str, default))}",
+           hint="(write it as kd,dkd or [kd, dkd])")
+    return v
+
 def _coerce(name, value, default):
+    if isinstance(default, list): return _as_list(name, value, default)
     if not isinstance(value, str) or isinstance(default, str): return value
-    try: v = ast.literal_eval(value)
-    except (ValueError, SyntaxError): v = value
+    v = _literal(value)
     if default is None or v is None: return v
     if isinstance(default, bool):
         expect(isinstance(v, bool), name, value, 'True or False')
@@ -62,12 +147,44 @@ def _coerce(name, value, default):
         v = float(v) if isinstance(default, float) else v
     return v
 
+_DEVICE = re.compile(r'^(auto|cpu|mps|cuda(:\d+)?)$')
+
+def _known_values() -> dict:
+    "Parameter name -> the values it may take (names shared by the kdnb templates)."
+    from kdnb.data import DATASETS
+    from kdnb.distill import RECIPES
+    from kdnb.teachers import ZOO
+    return dict(recipes=list(RECIPES), teachers=list(ZOO), teacher=list(ZOO), dataset=list(DATASETS))
+
+def _check_values(params: dict, defaults: dict):
+    """Values of the parameters with a known set of values (`_known_values`), for templates whose defaults are in that set
+    (a template with recipes of its own is left to check them itself), and `primary` among the recipes run."""
+    if 'device' in params and params['device'] is not None:
+        expect(isinstance(params['device'], str) and bool(_DEVICE.match(params['device'])), 'device', params['device'],
+               "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    named = [k for k in ('recipes', 'teachers', 'teacher', 'dataset') if params.get(k) is not None]
+    if named:
+        known = _known_values()
+        as_list = lambda v: v if isinstance(v, list) else [v]
+        for k in named:
+            if not all(v in known[k] for v in as_list(defaults.get(k)) if v is not None): continue
+            for v in as_list(params[k]):
+                expect(v in known[k], k, params[k], f"{'names' if isinstance(params[k], list) else 'one'} from {known[k]}",
+                       hint=did_you_mean(v, known[k]))
+    if params.get('primary') is not None and isinstance(defaults.get('recipes'), list):
+        recipes = params.get('recipes', defaults['recipes'])
+        expect(params['primary'] in recipes, 'primary', params['primary'], f"one of the recipes run: {recipes}",
+               hint=did_you_mean(params['primary'], recipes))
+
 def check_params(template, params: dict | None) -> dict:
-    "Validate `params` against the template's parameters (unknown names -> `KdnbError`) and coerce types."
+    "Validate `params` against the template's parameters (names, types, known values) and coerce them; `KdnbError` otherwise."
     defaults, params = template_parameters(template), dict(params or {})
     unknown = sorted(set(params) - set(defaults))
-    expect(not unknown, 'params', unknown, f"parameters of template {Path(str(template)).stem!r}: {sorted(defaults)}")
-    return {k: _coerce(k, v, defaults[k]) for k, v in params.items()}
+    expect(not unknown, 'params', unknown, f"parameters of template {Path(str(template)).stem!r}: {sorted(defaults)}",
+           hint=' '.join(h for h in (did_you_mean(u, defaults) for u in unknown) if h))
+    out = {k: _coerce(k, v, defaults[k]) for k, v in params.items()}
+    _check_values(out, defaults)
+    return out
 
 # %% ../nbs/11_runs.ipynb #fc8bc93c
 _TOY_PARAMS = """epochs = 2
@@ -90,16 +207,23 @@ out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
 if log_file:
     with open(log_file, 'a') as f: f.write(out.name + '\\n')
 if fail: raise RuntimeError('toy run asked to fail')
-limit = epochs * steps_per_epoch if budget_steps is None else min(epochs * steps_per_epoch, budget_steps)
+planned = math.ceil(epochs * steps_per_epoch)           # the schedule is planned for this many steps
+if budget_steps is not None: planned = min(planned, budget_steps)
+logs = out / key; logs.mkdir(exist_ok=True)
 t0, steps = time.perf_counter(), 0
-while steps < limit and (budget_seconds is None or time.perf_counter() - t0 < budget_seconds):
+while steps < planned and (budget_seconds is None or time.perf_counter() - t0 < budget_seconds):
     time.sleep(step_s * overhead); steps += 1
+    if steps % steps_per_epoch == 0 or steps == planned:
+        acc = 0.95 * (1 - math.exp(-rate * steps)); wall = time.perf_counter() - t0
+        with open(logs / 'log.jsonl', 'a') as f: f.write(json.dumps({'step': steps, 'loss': math.exp(-rate * steps), 'loss/ce': math.exp(-rate * steps)}) + '\\n')
+        with open(logs / 'epochs.jsonl', 'a') as f: f.write(json.dumps(dict(epoch=steps / steps_per_epoch, step=steps, val_acc=acc, wall_s=wall)) + '\\n')
 wall = time.perf_counter() - t0
 acc = 0.95 * (1 - math.exp(-rate * steps))
 compute = dict(wall_s=wall, steps=steps, samples=64 * steps, epochs=steps / steps_per_epoch,
                teacher_forwards=0, backward_passes=steps)
-metrics = {'template': 'toy', 'dataset': 'none', 'device': device, 'seed': seed,
-           key: dict(arch='toy', test_acc=acc, best_val_acc=acc, last_val_acc=acc, compute=compute),
+schedule = dict(name='toy', planned_steps=planned, steps=steps, steps_per_epoch=steps_per_epoch, complete=steps >= planned)
+metrics = {'template': 'toy', 'dataset': 'none', 'device': device, 'seed': seed, 'test_size': 1000,
+           key: dict(arch='toy', test_acc=acc, best_val_acc=acc, last_val_acc=acc, compute=compute, schedule=schedule),
            'primary': key}
 (out / 'metrics.json').write_text(json.dumps(metrics, indent=2))
 print(f"{key}: {steps} steps in {wall:.3f} s, test acc {acc:.4f}")'''
@@ -117,16 +241,17 @@ def toy_template(folder, name: str = 'toy') -> Path:
     return path
 
 # %% ../nbs/11_runs.ipynb #822a6139
-_HTML_EXPORTER = None
+_HTML_EXPORTERS = {}
 
-def export_html(nb_path, html_path=None) -> Path:
-    "Export an executed notebook to a standalone HTML file."
+def export_html(nb_path, html_path=None, hide_code: bool = False) -> Path:
+    "Export an executed notebook to a standalone HTML file (`hide_code`: outputs and text only)."
     import nbformat
     from nbconvert import HTMLExporter
-    global _HTML_EXPORTER
-    if _HTML_EXPORTER is None: _HTML_EXPORTER = HTMLExporter()       # building one loads its templates: reuse it
+    if hide_code not in _HTML_EXPORTERS:              # building one loads its templates: reuse it
+        _HTML_EXPORTERS[hide_code] = HTMLExporter(exclude_input=hide_code, exclude_input_prompt=hide_code,
+                                                  exclude_output_prompt=hide_code)
     nb_path = Path(nb_path); html_path = Path(html_path or nb_path.with_suffix('.html'))
-    body, _ = _HTML_EXPORTER.from_notebook_node(nbformat.read(nb_path, as_version=4))
+    body, _ = _HTML_EXPORTERS[hide_code].from_notebook_node(nbformat.read(nb_path, as_version=4))
     html_path.write_text(body, encoding='utf-8')
     return html_path
 
@@ -166,8 +291,74 @@ def _error_text(e: BaseException) -> str:
     if hasattr(e, 'ename') and hasattr(e, 'evalue'): return f"{e.ename}: {e.evalue}"   # papermill's cell error
     return f"{type(e).__name__}: {e}"
 
-def run(template, params: dict | None = None, out_dir=None, progress: bool = True, kernel: str | None = None) -> dict:
-    "Execute `template` with papermill into `out_dir`; returns the run's metrics."
+# %% ../nbs/11_runs.ipynb #8e83e576
+def _last_json_line(path: Path) -> dict | None:
+    "The last complete JSON line of a file (reads only its end)."
+    try:
+        with open(path, 'rb') as f:
+            f.seek(0, 2); size = f.tell(); f.seek(max(0, size - 16384)); tail = f.read().decode('utf-8', 'replace')
+    except OSError: return None
+    for line in reversed(tail.split('\n')[:-1] if not tail.endswith('\n') else tail.split('\n')):
+        try: return json.loads(line)
+        except ValueError: continue
+    return None
+
+def epoch_line(name: str, rec: dict, log: dict | None = None) -> str:
+    "One line for a finished epoch: `name`, epoch, step, the latest losses (from `log`), val accuracy, seconds."
+    parts = [f"{name}  epoch {rec.get('epoch', '?'):.4g}" if isinstance(rec.get('epoch'), (int, float)) else f"{name}  epoch ?"]
+    if 'step' in rec: parts.append(f"step {rec['step']}")
+    if log and isinstance(log.get('loss'), (int, float)):
+        comps = {k[5:]: v for k, v in log.items() if k.startswith('loss/') and isinstance(v, (int, float))}
+        parts.append(f"loss {log['loss']:.4f}" + (' (' + ', '.join(f"{k} {v:.3g}" for k, v in list(comps.items())[:6]) + ')' if comps else ''))
+    if isinstance(rec.get('val_acc'), (int, float)): parts.append(f"val_acc {rec['val_acc']:.4f}")
+    if isinstance(rec.get('wall_s'), (int, float)): parts.append(f"{rec['wall_s']:.1f} s")
+    return '  '.join(parts)
+
+class EpochStream:
+    """Follows every `epochs.jsonl` under `root` (one per model a template trains) from a thread and calls
+    `emit(line)` once per new epoch record, with the latest `log.jsonl` losses beside it. `prefix` starts each line."""
+    def __init__(self, root, emit=None, prefix: str = '', every: float = 0.5):
+        self.root, self.prefix, self.every = Path(root), prefix, every
+        self.emit = emit or (lambda line: print(line, flush=True))
+        self.offsets, self.lines = {}, []
+        self._stop, self._thread = threading.Event(), None
+
+    def poll(self):
+        "Emit the epoch records written since the last poll (complete lines only)."
+        for f in sorted(self.root.glob('**/epochs.jsonl')):
+            try:
+                with open(f, 'rb') as fh:
+                    fh.seek(self.offsets.get(f, 0)); chunk = fh.read()
+            except OSError: continue
+            done = chunk[:chunk.rfind(b'\n') + 1]
+            if not done: continue
+            self.offsets[f] = self.offsets.get(f, 0) + len(done)
+            name = str(f.parent.relative_to(self.root)) if f.parent != self.root else self.root.name
+            log = _last_json_line(f.parent / 'log.jsonl')
+            for raw in done.decode('utf-8', 'replace').splitlines():
+                try: rec = json.loads(raw)
+                except ValueError: continue
+                line = self.prefix + epoch_line(name, rec, log)
+                self.lines.append(line); self.emit(line)
+
+    def _loop(self):
+        while not self._stop.wait(self.every): self.poll()
+
+    def __enter__(self):
+        for f in self.root.glob('**/epochs.jsonl'):           # records from an earlier run in this folder are not news
+            try: self.offsets[f] = f.stat().st_size
+            except OSError: pass
+        self._thread = threading.Thread(target=self._loop, daemon=True, name='kdnb-epoch-stream'); self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set(); self._thread.join(); self.poll()
+
+# %% ../nbs/11_runs.ipynb #69d83ccf
+def run(template, params: dict | None = None, out_dir=None, progress: bool = True, kernel: str | None = None,
+        stream: bool | None = None, hide_code: bool = False, prefix: str = '') -> dict:
+    """Execute `template` with papermill into `out_dir`; returns the run's metrics. `stream` (default: `progress`)
+    prints one line per finished epoch while it runs (`prefix` first); `hide_code`: an HTML export without code."""
     import papermill as pm
     path = find_template(template)
     params = check_params(path, params)
@@ -180,8 +371,13 @@ def run(template, params: dict | None = None, out_dir=None, progress: bool = Tru
     status = dict(status='running', template=str(path), pid=os.getpid(), host=socket.gethostname(),
                   started=time.strftime('%Y-%m-%dT%H:%M:%S'))
     _write_json(out / 'status.json', status)
+    stream = progress if stream is None else stream
+    before = os.environ.get('KDNB_PROGRESS')
+    os.environ['KDNB_PROGRESS'] = 'text'                 # the kernel inherits it: text progress bars in the saved notebook
+    tail = EpochStream(out, prefix=prefix) if stream else None
     try:
-        pm.execute_notebook(str(path), str(nb_out), parameters=params, progress_bar=progress,
+        if tail is not None: tail.__enter__()
+        pm.execute_notebook(str(path), str(nb_out), parameters=params, progress_bar=progress and not stream,
                             kernel_name=kernel, cwd=str(project_root() or Path.cwd()))
     except BaseException as e:
         _write_json(out / 'status.json', dict(status, status='failed', error=_error_text(e), wall_s=round(time.time() - t0, 3)))
@@ -189,8 +385,11 @@ def run(template, params: dict | None = None, out_dir=None, progress: bool = Tru
             raise KdnbError(f"{e.evalue} (raised in template {path.stem!r}; see {nb_out})") from None
         raise
     finally:
+        if tail is not None: tail.__exit__()
+        if before is None: os.environ.pop('KDNB_PROGRESS', None)
+        else: os.environ['KDNB_PROGRESS'] = before
         if nb_out.exists():
-            try: export_html(nb_out)
+            try: export_html(nb_out, hide_code=hide_code)
             except Exception as e: print(f"kdnb: HTML export of {nb_out} failed: {e}", file=sys.stderr)
     metrics = _read_json(mfile) or {}
     metrics.setdefault('wall_s', round(time.time() - t0, 2))
@@ -242,9 +441,10 @@ def _same_params(out_dir, params: dict) -> bool:
     return _jsonable({k: v for k, v in params.items() if k != 'out_dir'}) == saved
 
 def sweep(template, grid, out_root, fixed: dict | None = None, resume: bool = True, fail_fast: bool = False,
-          retry_failed: bool = True, progress: bool = True, kernel: str | None = None):
-    "Run `template` on every point of `grid` into `out_root/<point>`; returns the results table (a DataFrame)."
-    from tqdm.auto import tqdm
+          retry_failed: bool = True, progress: bool = True, kernel: str | None = None, stream: bool = False,
+          hide_code: bool = False):
+    """Run `template` on every point of `grid` into `out_root/<point>`; returns the results table (a DataFrame).
+    `stream`: one line per finished epoch of the running point; `hide_code`: HTML exports without code."""
     path = find_template(template)
     points = [check_params(path, p) for p in expand_grid(grid, fixed)]
     root = _check_out_dir(out_root, 'out_root')
@@ -270,7 +470,7 @@ def sweep(template, grid, out_root, fixed: dict | None = None, resume: bool = Tr
             if d.exists(): shutil.rmtree(d)                         # a half-done point starts over
             bar.set_postfix_str(name[:40])
             try:
-                run(path, p, d, progress=False, kernel=kernel); counts['done'] += 1
+                run(path, p, d, progress=False, kernel=kernel, stream=stream, hide_code=hide_code, prefix=f"{name}: "); counts['done'] += 1
             except Exception as e:
                 counts['failed'] += 1
                 print(f"kdnb sweep: point {name} failed: {_error_text(e)}", file=sys.stderr)
@@ -393,13 +593,82 @@ def plot_results(df, x=None, y='primary.test_acc', color=None, title=None):
                       barmode='group', height=380, legend_title=color or '')
     return fig
 
+# %% ../nbs/11_runs.ipynb #635448da
+PALETTE = ('#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#7f7f7f', '#bcbd22', '#17becf')
+
+def model_colors(names, offset: int = 0) -> dict:
+    "One colour per name (in order, cycling a 10-colour palette from `offset`), to use for every trace of that model."
+    return {n: PALETTE[(i + offset) % len(PALETTE)] for i, n in enumerate(names)}
+
+def metric_bars(metrics: dict, keys=None, metric: str = 'test_acc', colors: dict | None = None, title: str | None = None):
+    "Bar chart of `metric` per model of a run's metrics; error bars: binomial s.e. over `metrics['test_size']` images."
+    import plotly.graph_objects as go
+    models = [k for k, v in metrics.items() if isinstance(v, dict) and isinstance(v.get(metric), (int, float))]
+    keys = [k for k in (keys if keys is not None else models)]
+    expect(len(keys) > 0 and all(k in models for k in keys), 'keys', keys, f"models of the metrics with a `{metric}`: {models}")
+    n = metrics.get('test_size')
+    ys = [float(metrics[k][metric]) for k in keys]
+    err = [math.sqrt(max(p * (1 - p), 0) / n) if isinstance(n, int) and n > 0 and 0 <= p <= 1 else 0.0 for p in ys]
+    colors = colors or model_colors(keys)
+    fig = go.Figure(go.Bar(x=keys, y=ys, error_y=dict(type='data', array=err, visible=any(err)), name=metric,
+                           marker_color=[colors.get(k, '#7f7f7f') for k in keys], text=[f'{y:.3f}' for y in ys],
+                           textposition='outside', cliponaxis=False))
+    note = f" (error bars: 1 s.e., {n} test images)" if any(err) else ''
+    fig.update_layout(title=(title or f'{metric} per model') + note, xaxis_title='model', yaxis_title=metric.replace('_', ' '),
+                      yaxis_range=[0, min(1.0, 1.2 * max(ys + [0.0]) + 0.05) if all(0 <= y <= 1 for y in ys) else None],
+                      height=360, showlegend=False)
+    return fig
+
+def plot_methods(df, metric: str = 'test_acc', title: str | None = None):
+    "Bar chart of `<model>.<metric>` per model of a sweep's table: mean over finished points, error bars their std."
+    import pandas as pd, plotly.graph_objects as go
+    expect(isinstance(df, pd.DataFrame) and len(df) > 0, 'df', type(df).__name__, 'a non-empty results DataFrame')
+    d = df[df['status'] == 'done'] if 'status' in df.columns else df
+    cols = [c for c in d.columns if c.endswith(f'.{metric}') and not c.startswith(('primary.', 'teacher:', 'metrics.'))
+            and d[c].notna().any()]
+    expect(len(cols) > 0, 'df', f"columns {sorted(map(str, df.columns))[:12]}...", f"finished points with `<model>.{metric}` columns")
+    names = [c[:-len(metric) - 1] for c in cols]
+    mean, std, cnt = d[cols].mean(), d[cols].std(), d[cols].count()
+    colors = model_colors(names)
+    fig = go.Figure(go.Bar(x=names, y=list(mean), error_y=dict(type='data', array=list(std.fillna(0)), visible=bool((cnt > 1).any())),
+                           marker_color=[colors[n] for n in names], text=[f'{m:.3f} (n={c})' for m, c in zip(mean, cnt)],
+                           textposition='outside', cliponaxis=False, name=metric))
+    fig.update_layout(title=title or f'{metric} per model: mean over finished points, error bars their std', xaxis_title='model',
+                      yaxis_title=metric.replace('_', ' '), height=380, showlegend=False,
+                      yaxis_range=[0, 1.2 * float(max(mean.max(), 1e-9)) + 0.05])
+    return fig
+
 # %% ../nbs/11_runs.ipynb #c9e51d5b
 MATCH_MODES = {'steps': ('steps', 'budget_steps'), 'seconds': ('wall_s', 'budget_seconds')}
 
-def _run_or_reuse(path, params: dict, out_dir: Path, resume: bool, kernel=None) -> dict:
+def _lr_at(sched, k: int) -> float:
+    "The learning rate `sched` gives step `k` (0-based), from its closed form, without moving it."
+    import warnings
+    saved = sched.last_epoch
+    try:
+        sched.last_epoch = k
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            lrs = sched._get_closed_form_lr() if hasattr(sched, '_get_closed_form_lr') else sched.get_lr()
+        return float(lrs[0])
+    finally: sched.last_epoch = saved
+
+def schedule_state(distiller) -> dict:
+    """The learning-rate schedule a `Distiller` ran: its name, the steps it was planned for and the steps taken, the
+    learning rate of its first, last taken and last planned step (`lr_end`), and whether it completed (templates store
+    it in `metrics.json`). A schedule cut off early ends with `lr_last` far from `lr_end`."""
+    s = distiller.sched
+    planned = int(getattr(s, 'total_steps', None) or getattr(s, 'T_max', None) or distiller.total_steps())
+    steps = int(distiller.compute.steps)
+    try: first, last, end = _lr_at(s, 0), _lr_at(s, max(steps - 1, 0)), _lr_at(s, planned - 1)
+    except Exception: first = last = end = float(s.get_last_lr()[0])
+    return dict(name=type(s).__name__, planned_steps=planned, steps=steps, steps_per_epoch=int(distiller.steps_per_epoch),
+                lr_first=first, lr_last=last, lr_end=end, complete=steps >= planned)
+
+def _run_or_reuse(path, params: dict, out_dir: Path, resume: bool, kernel=None, stream=False) -> dict:
     if resume and is_complete(out_dir) and _same_params(out_dir, params): return _read_json(out_dir / 'metrics.json')
     if out_dir.exists(): shutil.rmtree(out_dir)
-    return run(path, params, out_dir, progress=False, kernel=kernel)
+    return run(path, params, out_dir, progress=False, kernel=kernel, stream=stream, prefix=f"{out_dir.name}: ")
 
 def _model_entry(metrics: dict, key, arg: str) -> tuple[str, dict]:
     models = [k for k, v in metrics.items() if isinstance(v, dict) and 'test_acc' in v]
@@ -408,50 +677,201 @@ def _model_entry(metrics: dict, key, arg: str) -> tuple[str, dict]:
            f"a model of the run's metrics.json with a `compute` entry: {models}")
     return key, metrics[key]
 
+def _mean(xs):
+    xs = [float(x) for x in xs if isinstance(x, (int, float)) and x == x]
+    return sum(xs) / len(xs) if xs else float('nan')
+
+def _std(xs):
+    xs = [float(x) for x in xs if isinstance(x, (int, float)) and x == x]
+    if len(xs) < 2: return float('nan')
+    m = sum(xs) / len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+def acc_stats(accs, test_size=None) -> dict:
+    """Mean and standard deviation of accuracies over seeds, and the standard error of the mean: seed spread / sqrt(n)
+    combined with the binomial sampling error sqrt(p (1 - p) / test_size) of the (shared) test set."""
+    accs = [float(a) for a in accs]
+    n, m, s = len(accs), _mean(accs), _std(accs)
+    var = (s * s / n if n > 1 else 0.0) + (m * (1 - m) / test_size if test_size else 0.0)
+    known = n > 1 or bool(test_size)
+    return dict(mean=m, std=s, n=n, test_size=test_size, se=math.sqrt(var) if known else float('nan'))
+
+def acc_difference(a: dict, b: dict, label: str) -> dict:
+    "The difference of two `acc_stats` means, its standard error, and whether it is within the noise (|d| <= 2 s.e.)."
+    d, se = a['mean'] - b['mean'], math.sqrt(a['se'] ** 2 + b['se'] ** 2)
+    within = None if se != se else bool(abs(d) <= 2 * se)
+    noise = (f"± {se:.3f} (1 s.e.; {a['n']} vs {b['n']} seed(s)" + (f", {a['test_size']} test images)" if a['test_size'] else ')'))
+    verdict = 'noise unknown (one seed, no test_size)' if within is None else ('within the noise' if within else 'beyond the noise (> 2 s.e.)')
+    return dict(delta=d, se=se, within_noise=within, text=f"{label}: {d:+.4f} {noise if se == se else ''}: {verdict}")
+
+def _epoch_step_times(run_dir: Path, key) -> list[float]:
+    "Seconds per step of each epoch after the first (warm-up), from `run_dir/<key>/epochs.jsonl` when the run wrote one."
+    recs = [r for r in (json.loads(l) for l in (run_dir / str(key) / 'epochs.jsonl').read_text().splitlines() if l.strip())
+            if isinstance(r.get('wall_s'), (int, float)) and isinstance(r.get('step'), int)] if (run_dir / str(key) / 'epochs.jsonl').is_file() else []
+    out = []
+    for a, b in zip(recs, recs[1:]):
+        if b['step'] > a['step']: out.append((b['wall_s'] - a['wall_s']) / (b['step'] - a['step']))
+    return out
+
+def _rel_noise(xs) -> float:
+    "Relative spread (std / mean) of positive measurements; NaN with fewer than two."
+    m, s = _mean(xs), _std(xs)
+    return s / m if m == m and m > 0 and s == s else float('nan')
+
+def _steps_per_epoch(entry: dict):
+    "(steps per epoch, exact?) of a model entry: its schedule's, else estimated from compute steps / epochs."
+    sch = entry.get('schedule') if isinstance(entry.get('schedule'), dict) else {}
+    if isinstance(sch.get('steps_per_epoch'), int) and sch['steps_per_epoch'] > 0: return sch['steps_per_epoch'], True
+    c = entry.get('compute', {})
+    if c.get('steps') and c.get('epochs'): return c['steps'] / c['epochs'], False
+    return None, False
+
 def compare_at_equal_compute(method_template, method_params: dict | None, baseline_template, baseline_params: dict | None,
-                             out_root, match: str = 'steps', method_key=None, baseline_key=None,
-                             run_default: bool = True, max_epochs: int = 1000, resume: bool = True, kernel=None) -> dict:
-    "Run a method, then its baseline with the method's measured budget (`match`: 'steps' or 'seconds'); writes `compare.json`."
-    expect(match in MATCH_MODES, 'match', match, f"one of {list(MATCH_MODES)}")
+                             out_root, match: str = 'steps', method_key=None, baseline_key=None, run_default: bool = True,
+                             seeds=None, warmup_steps: int = 20, max_epochs: int = 1000, resume: bool = True,
+                             kernel=None, stream: bool = False) -> dict:
+    """Run a method, then its baseline planned for the method's measured budget (`match`: 'steps' or 'seconds', the
+    latter as steps from the baseline's measured step time), over `seeds`; writes and returns `compare.json`'s content."""
+    expect(match in MATCH_MODES, 'match', match, f"one of {list(MATCH_MODES)}", hint=did_you_mean(match, MATCH_MODES))
     field, budget_param = MATCH_MODES[match]
     mpath, bpath = find_template(method_template), find_template(baseline_template)
     for arg, p in (('method_template', mpath), ('baseline_template', bpath)):
         missing = sorted({'epochs', 'budget_steps', 'budget_seconds'} - set(template_parameters(p)))
         expect(not missing, arg, p.stem, "a template with `epochs`, `budget_steps` and `budget_seconds` parameters",
                hint=f"(missing: {missing})")
+    expect(seeds is None or (isinstance(seeds, (list, tuple)) and len(seeds) > 0 and len(set(seeds)) == len(seeds)
+                             and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)),
+           'seeds', seeds, 'None or a non-empty list of distinct ints')
+    if seeds:
+        for arg, p in (('method_template', mpath), ('baseline_template', bpath)):
+            expect('seed' in template_parameters(p), arg, p.stem, 'a template with a `seed` parameter (to repeat over `seeds`)')
+    expect(isinstance(warmup_steps, int) and warmup_steps > 0, 'warmup_steps', warmup_steps, 'an int > 0')
     mparams, bparams = check_params(mpath, method_params), check_params(bpath, baseline_params)
     root = _check_out_dir(out_root, 'out_root'); root.mkdir(parents=True, exist_ok=True)
-    m_metrics = _run_or_reuse(mpath, mparams, root / 'method', resume, kernel)
-    mkey, m = _model_entry(m_metrics, method_key, 'method_key')
-    budget = m['compute'].get(field)
-    expect(isinstance(budget, (int, float)) and budget > 0, 'method_template', mpath.stem,
-           f"a run that reports a positive compute.{field}", hint=f"(it reported {budget!r})")
-    matched = dict(bparams, epochs=max_epochs, budget_steps=None, budget_seconds=None)
-    matched[budget_param] = int(budget) if match == 'steps' else float(budget)
-    b_metrics = _run_or_reuse(bpath, matched, root / f'baseline_equal_{match}', resume, kernel)
-    bkey, b = _model_entry(b_metrics, baseline_key, 'baseline_key')
-    entry = lambda t, k, e, p: dict(template=t.stem, key=k, test_acc=e['test_acc'], compute=e['compute'], params=_jsonable(p))
-    out = dict(match=match, budget={budget_param: matched[budget_param]},
-               method=entry(mpath, mkey, m, mparams), baseline_equal=entry(bpath, bkey, b, matched), baseline_default=None,
-               acc_delta_equal_compute=m['test_acc'] - b['test_acc'],
-               budget_ratio=b['compute'].get(field, float('nan')) / budget)
-    ms, bs = m['compute'].get('steps'), b['compute'].get('steps')
-    if ms and bs: out['step_time_ratio'] = (m['compute']['wall_s'] / ms) / (b['compute']['wall_s'] / bs)
-    if run_default:
-        _, d = _model_entry(_run_or_reuse(bpath, bparams, root / 'baseline_default', resume, kernel), bkey, 'baseline_key')
-        out['baseline_default'] = entry(bpath, bkey, d, bparams)
-        out['overhead_ratio'] = m['compute']['wall_s'] / d['compute']['wall_s']
-        out['acc_delta_default'] = m['test_acc'] - d['test_acc']
+    seed_list = list(seeds) if seeds else [None]
+    folder = lambda role, s: root / (role if s is None else f'{role}-seed{s}')
+    with_seed = lambda p, s: dict(p) if s is None else dict(p, seed=s)
+
+    def runs_of(role, path, params, key, arg):
+        out = []
+        for s in seed_list:
+            mt = _run_or_reuse(path, with_seed(params, s), folder(role, s), resume, kernel, stream)
+            k, e = _model_entry(mt, key, arg)
+            out.append(dict(seed=s, dir=folder(role, s), metrics=mt, key=k, entry=e, params=with_seed(params, s)))
+        return out
+
+    m_runs = runs_of('method', mpath, mparams, method_key, 'method_key')
+    for r in m_runs:
+        b = r['entry']['compute'].get(field)
+        expect(isinstance(b, (int, float)) and b > 0, 'method_template', mpath.stem,
+               f"a run that reports a positive compute.{field}", hint=f"(it reported {b!r})")
+    budget = _mean([r['entry']['compute'][field] for r in m_runs])
+    d_runs = runs_of('baseline_default', bpath, bparams, baseline_key, 'baseline_key') if run_default else []
+    ref = d_runs
+    if not ref and match == 'seconds':                      # measure the baseline's step time on a short warm-up run
+        w = _run_or_reuse(bpath, dict(with_seed(bparams, seed_list[0]), budget_steps=warmup_steps, budget_seconds=None),
+                          root / 'baseline_warmup', resume, kernel, stream)
+        k, e = _model_entry(w, baseline_key, 'baseline_key')
+        ref = [dict(seed=seed_list[0], dir=root / 'baseline_warmup', metrics=w, key=k, entry=e)]
+    if match == 'steps': n, step_s = int(round(budget)), None
+    else:
+        step_s = _mean([r['entry']['compute']['wall_s'] / r['entry']['compute']['steps'] for r in ref])
+        n = max(1, int(round(budget / step_s)))
+    spe, exact = _steps_per_epoch(ref[0]['entry']) if ref else (None, False)
+    epochs = max(1, math.ceil(n / spe) + (0 if exact else 1)) if spe else max_epochs
+    matched = dict(bparams, epochs=epochs, budget_steps=n, budget_seconds=None)
+    same = bool(d_runs) and all((r['entry'].get('schedule') or {}).get('planned_steps') == n
+                                and (r['entry'].get('schedule') or {}).get('complete') for r in d_runs)
+    if same: matched, epochs = dict(bparams), bparams.get('epochs', epochs)   # its own settings plan exactly this budget
+    e_runs = d_runs if same else runs_of(f'baseline_equal_{match}', bpath, matched, baseline_key, 'baseline_key')
+
+    test_size = next((r['metrics'].get('test_size') for r in m_runs + e_runs if isinstance(r['metrics'].get('test_size'), int)), None)
+    groups = dict(method=m_runs, baseline_equal=e_runs, **({'baseline_default': d_runs} if d_runs else {}))
+    stats = {g: acc_stats([r['entry']['test_acc'] for r in rs], test_size) for g, rs in groups.items()}
+    deltas = dict(equal=acc_difference(stats['method'], stats['baseline_equal'], f"method - baseline at equal {match}"))
+    if d_runs:
+        deltas['default'] = acc_difference(stats['method'], stats['baseline_default'], 'method - baseline at its own settings')
+        deltas['baseline_equal_vs_default'] = acc_difference(stats['baseline_equal'], stats['baseline_default'],
+                                                             f"baseline at equal {match} - baseline at its own settings")
+    cget = lambda rs, k: _mean([r['entry']['compute'].get(k) for r in rs])
+    per_step = lambda rs: _mean([r['entry']['compute']['wall_s'] / max(r['entry']['compute']['steps'], 1) for r in rs])
+    noise = [_rel_noise(_epoch_step_times(r['dir'], r['key'])) for r in m_runs + e_runs]
+    noise += [_rel_noise([r['entry']['compute']['wall_s'] / max(r['entry']['compute']['steps'], 1) for r in rs])
+              for rs in (m_runs, e_runs)]
+    noise = [x for x in noise if x == x]
+    timing = dict(method_wall_s=cget(m_runs, 'wall_s'), baseline_equal_wall_s=cget(e_runs, 'wall_s'),
+                  wall_ratio=cget(e_runs, 'wall_s') / cget(m_runs, 'wall_s'), method_step_s=per_step(m_runs),
+                  baseline_step_s=per_step(e_runs), step_time_noise=max(noise) if noise else None)
+    counted = {k: cget(e_runs, k) / cget(m_runs, k) for k in ('steps', 'samples', 'backward_passes', 'teacher_forwards')
+               if cget(m_runs, k) > 0 and cget(e_runs, k) == cget(e_runs, k)}
+    sched = [r['entry'].get('schedule') for r in e_runs]
+    complete = all(s.get('complete') for s in sched) if all(isinstance(s, dict) for s in sched) else None
+    entry = lambda r: dict(template=Path(r['metrics'].get('template') or '').stem or None, key=r['key'], seed=r['seed'],
+                           test_acc=r['entry']['test_acc'], compute=r['entry']['compute'], schedule=r['entry'].get('schedule'),
+                           params=_jsonable({k: v for k, v in r['params'].items() if k != 'out_dir'}), dir=r['dir'].name)
+    budget_info = {budget_param: budget, 'budget_steps': n, 'baseline_epochs': epochs, 'own_settings_match': same}
+    if step_s is not None: budget_info['baseline_step_s_measured'] = step_s
+    out = dict(match=match, seeds=seeds, test_size=test_size, budget=budget_info,
+               method=entry(m_runs[0]), baseline_equal=entry(e_runs[0]), baseline_default=entry(d_runs[0]) if d_runs else None,
+               runs={g: [entry(r) for r in rs] for g, rs in groups.items()}, stats=stats, deltas=deltas, timing=timing,
+               counted_ratio=counted, baseline_schedule_complete=complete,
+               acc_delta_equal_compute=deltas['equal']['delta'], budget_ratio=cget(e_runs, field) / budget,
+               step_time_ratio=timing['method_step_s'] / timing['baseline_step_s'])
+    for g, rs in groups.items(): out['runs'][g] = [dict(e, template=(mpath if g == 'method' else bpath).stem) for e in out['runs'][g]]
+    for g in ('method', 'baseline_equal', 'baseline_default'):
+        if out[g] is not None: out[g]['template'] = (mpath if g == 'method' else bpath).stem
+    if d_runs:
+        out['overhead_ratio'] = cget(m_runs, 'wall_s') / cget(d_runs, 'wall_s')
+        out['acc_delta_default'] = deltas['default']['delta']
+    out['verdict'] = comparison_verdict(out)
     _write_json(root / 'compare.json', out)
     return out
 
+def comparison_verdict(cmp: dict) -> list[str]:
+    "The sentences a comparison supports: the budget, the matched wall clock and its noise, the schedule, the differences."
+    b, t = cmp['budget'], cmp['timing']
+    lines = [f"budget: the method's {cmp['match']} = {b.get(MATCH_MODES[cmp['match']][1]):.4g}; the baseline is planned for "
+             f"{b['budget_steps']} steps ({b['baseline_epochs']} epoch(s))"
+             + (' = its own settings, which plan exactly this budget (that run is reused)' if b.get('own_settings_match') else '')
+             + (f", from its measured {1000 * b['baseline_step_s_measured']:.2f} ms/step" if 'baseline_step_s_measured' in b else '')]
+    nz = t.get('step_time_noise')
+    lines.append(f"wall clock: method {t['method_wall_s']:.2f} s, baseline at equal {cmp['match']} {t['baseline_equal_wall_s']:.2f} s "
+                 f"(ratio {t['wall_ratio']:.2f}); step time noise " + (f"±{nz:.0%}" if nz is not None else 'unknown (one epoch, one seed)'))
+    if cmp.get('counted_ratio'):
+        lines.append('counted work, baseline / method: ' + ', '.join(f"{k} {v:.2f}" for k, v in cmp['counted_ratio'].items()))
+    c = cmp.get('baseline_schedule_complete')
+    lines.append('baseline schedule: ' + ('completed (its last step ran at the planned final learning rate)' if c else
+                 'NOT completed: the comparison is unfair to the baseline' if c is False else 'not reported by the template'))
+    lines += [d['text'] for d in cmp['deltas'].values()]
+    return lines
+
 def comparison_frame(cmp: dict):
-    "The runs of a `compare_at_equal_compute` result as a small DataFrame."
+    "The runs of a `compare_at_equal_compute` result as a small DataFrame: one row per run kind, accuracy mean and spread."
     import pandas as pd
-    rows = [dict(run=r, template=e['template'], model=e['key'], test_acc=e['test_acc'],
-                 steps=e['compute'].get('steps'), wall_s=e['compute'].get('wall_s'))
-            for r in ('method', 'baseline_equal', 'baseline_default') if (e := cmp.get(r))]
+    rows = []
+    for r in ('method', 'baseline_equal', 'baseline_default'):
+        es = (cmp.get('runs') or {}).get(r) or ([cmp[r]] if cmp.get(r) else [])
+        if not es: continue
+        st = (cmp.get('stats') or {}).get(r, {})
+        rows.append(dict(run=r, template=es[0]['template'], model=es[0]['key'], test_acc=_mean([e['test_acc'] for e in es]),
+                         test_acc_std=st.get('std', float('nan')), seeds=len(es), steps=_mean([e['compute'].get('steps') for e in es]),
+                         wall_s=_mean([e['compute'].get('wall_s') for e in es]),
+                         schedule_done=all((e.get('schedule') or {}).get('complete', False) for e in es) if all(e.get('schedule') for e in es) else None))
     return pd.DataFrame(rows).set_index('run')
+
+def comparison_figure(cmp: dict):
+    "Bar chart of the test accuracy of each run kind: mean over seeds, error bars 1 s.e. (seed spread and test sampling)."
+    import plotly.graph_objects as go
+    f = comparison_frame(cmp)
+    se = [(cmp.get('stats') or {}).get(r, {}).get('se', float('nan')) for r in f.index]
+    names = {'method': 'method', 'baseline_equal': f"baseline, equal {cmp['match']}", 'baseline_default': 'baseline, own settings'}
+    fig = go.Figure(go.Bar(x=[names[r] for r in f.index], y=f['test_acc'], error_y=dict(type='data', array=[0 if s != s else s for s in se]),
+                           marker_color=['#d62728', '#1f77b4', '#7f7f7f'][:len(f)], text=[f"{v:.3f}" for v in f['test_acc']],
+                           textposition='outside', cliponaxis=False, name='test accuracy'))
+    fig.update_layout(title=f"test accuracy at equal {cmp['match']} (error bars: 1 s.e.)", xaxis_title='run',
+                      yaxis_title='test accuracy', yaxis_range=[0, min(1.0, 1.2 * float(f['test_acc'].max()) + 0.05)],
+                      height=360, showlegend=False)
+    return fig
 
 # %% ../nbs/11_runs.ipynb #408e6483
 def results_table(metrics: dict) -> str:
@@ -494,11 +914,8 @@ def read_grid(grid_file) -> tuple:
     return spec, None
 
 def _kv(pairs, arg='-p') -> dict:
-    "NAME VALUE pairs from the command line; values as Python literals where they parse."
-    def lit(v):
-        try: return ast.literal_eval(v)
-        except (ValueError, SyntaxError): return v
-    return {k: lit(v) for k, v in pairs}
+    "NAME VALUE pairs from the command line; values as Python literals (or YAML lists/mappings) where they parse."
+    return {k: _literal(v) for k, v in pairs}
 
 def _call_entry(candidates, pairs, what: str):
     "Call the first of `candidates` ('module:attr') that exists, with the `-p` options as keyword arguments."
@@ -517,7 +934,8 @@ def _call_entry(candidates, pairs, what: str):
     sig = inspect.signature(fn)
     if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
         unknown = sorted(set(kwargs) - set(sig.parameters))
-        expect(not unknown, '-p', unknown, f"options of {fn.__qualname__}: {sorted(sig.parameters)}")
+        expect(not unknown, '-p', unknown, f"options of {fn.__qualname__}: {sorted(sig.parameters)}",
+               hint=' '.join(h for h in (did_you_mean(u, sig.parameters) for u in unknown) if h))
     try: sig.bind(**kwargs)
     except TypeError as e: raise KdnbError(f"`-p`: {fn.__qualname__} {e}; give it as -p NAME VALUE.") from e
     return fn(**kwargs)
@@ -529,8 +947,9 @@ def report(path) -> str:
     expect(p.exists(), 'run_dir', str(path), 'a run, sweep or comparison folder (or results file)')
     if p.is_dir() and (p / 'compare.json').exists():
         cmp = _read_json(p / 'compare.json')
-        extra = {k: round(v, 4) for k, v in cmp.items() if isinstance(v, float)}
-        return f"compare at equal {cmp['match']} ({cmp['budget']})\n{comparison_frame(cmp).to_string()}\n{extra}"
+        with pd.option_context('display.width', 200, 'display.max_columns', 30):
+            frame = comparison_frame(cmp).to_string(float_format=lambda v: f"{v:.4g}")
+        return f"compare at equal {cmp['match']} ({cmp['budget']})\n{frame}\n" + '\n'.join(cmp.get('verdict') or comparison_verdict(cmp))
     if p.is_dir() and not (p / 'sweep.json').exists() and (p / 'metrics.json').exists():
         st = run_status(p) or {}
         head = f"{p}: {st.get('status', '?')}" + (f" ({st['error']})" if st.get('error') else '')
@@ -545,39 +964,93 @@ def report(path) -> str:
     with pd.option_context('display.width', 200, 'display.max_columns', 30, 'display.max_colwidth', 60):
         return df[list(dict.fromkeys(keep))].to_string(index=False)
 
+_EXAMPLES = {
+    'kdnb': """examples:
+  kdnb templates                                   # what can be run, and with which parameters
+  kdnb run multi_teacher -p recipes kd,mgda_ub -p epochs 20 -p device cuda
+  kdnb sweep multi_teacher grid.yaml               # grid.yaml:  {grid: {seed: [0, 1, 2]}, fixed: {epochs: 5}}
+  kdnb compare gradient_balancing multi_teacher -m recipes dto_kd -b recipes kd --match seconds
+  kdnb report runs/compare""",
+    'run': """examples:
+  kdnb run multi_teacher -p recipes kd,camkd -p epochs 10
+  kdnb run single_teacher -p recipes "[kd, dkd]" -p teacher vit_t --out runs/st-vit
+  kdnb run results -p sweep_dir runs/sweep-multi_teacher-grid --hide-code
+A list is written kd,dkd or [kd, dkd]; each parameter is checked before the notebook starts.""",
+    'sweep': """examples:
+  kdnb sweep multi_teacher grid.yaml
+grid.yaml, one of:
+  grid: {lr: [0.001, 0.003], seed: [0, 1, 2]}     # every combination
+  fixed: {epochs: 5, recipes: [kd, ki]}
+or
+  points: [{recipes: [kd]}, {recipes: [camkd], T: 2.0}]
+or just
+  seed: [0, 1, 2]""",
+    'compare': """examples:
+  kdnb compare gradient_balancing multi_teacher -m recipes dto_kd -b recipes kd --match seconds
+  kdnb compare multi_teacher multi_teacher -m recipes ki -b recipes kd --match steps --seeds 0,1,2
+The baseline is planned for the method's budget (steps, or seconds turned into steps from its measured
+step time), so its learning-rate schedule completes; the report states the noise of every difference.""",
+    'report': "examples:\n  kdnb report runs/multi_teacher\n  kdnb report runs/sweep-multi_teacher-grid\n  kdnb report runs/compare",
+    'templates': "examples:\n  kdnb templates\n  kdnb templates multi_teacher",
+    'teachers train': """examples:
+  kdnb teachers train
+  kdnb teachers train -p names "['resnet_t', 'vit_t']" -p force True""",
+    'cache build': "examples:\n  kdnb cache build -p topk 5\n  kdnb cache build -p rebuild True",
+    'demo': "examples:\n  kdnb demo\n  kdnb demo --device cuda -p epochs 5",
+}
+
 def _parser():
-    p = argparse.ArgumentParser(prog='kdnb', description='kdnb: a research kit for (multi-teacher) knowledge distillation')
+    fmt = dict(formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog='kdnb', description='kdnb: a research kit for (multi-teacher) knowledge distillation',
+                                epilog=_EXAMPLES['kdnb'], **fmt)
     sub = p.add_subparsers(dest='cmd', required=True)
     param = dict(nargs=2, action='append', default=[], metavar=('NAME', 'VALUE'))
-    r = sub.add_parser('run', help='execute an experiment template with papermill', description='Execute an experiment template with papermill into a run folder.')
+    quiet = dict(action='store_true', help='no per-epoch lines while the notebook runs')
+    hide = dict(action='store_true', help='export the HTML report without the code cells')
+    r = sub.add_parser('run', help='execute an experiment template with papermill', epilog=_EXAMPLES['run'],
+                       description='Execute an experiment template with papermill into a run folder.', **fmt)
     r.add_argument('template', help='template name or notebook path')
-    r.add_argument('-p', '--param', help='a template parameter', **param)
+    r.add_argument('-p', '--param', help='a template parameter (lists: kd,dkd)', **param)
     r.add_argument('--out', default=None, help='run folder (default: runs/<template>)')
-    s = sub.add_parser('sweep', help='run a template over a grid of parameters', description='Run a template on every point of a YAML grid; resumable; writes results.csv/.parquet.')
+    r.add_argument('--hide-code', **hide); r.add_argument('-q', '--quiet', **quiet)
+    s = sub.add_parser('sweep', help='run a template over a grid of parameters', epilog=_EXAMPLES['sweep'],
+                       description='Run a template on every point of a YAML grid; resumable; writes results.csv/.parquet.', **fmt)
     s.add_argument('template', help='template name or notebook path')
     s.add_argument('grid', help='YAML file: {grid: {name: [values]}, fixed: {...}} or {name: [values]}')
     s.add_argument('--out', default=None, help='sweep folder (default: runs/sweep-<template>-<grid file name>)')
     s.add_argument('--no-resume', action='store_true', help='run every point again, even finished ones')
     s.add_argument('--fail-fast', action='store_true', help='stop at the first failing point')
-    c = sub.add_parser('compare', help="run a method and its baseline at the method's measured compute", description="Run a method, then its baseline with the method's steps or seconds as budget; report both and the overhead ratio.")
+    s.add_argument('--hide-code', **hide); s.add_argument('-q', '--quiet', **quiet)
+    c = sub.add_parser('compare', help="run a method and its baseline at the method's measured compute", epilog=_EXAMPLES['compare'],
+                       description="Run a method, then its baseline planned for the method's steps or seconds; report both, "
+                                   "the matched cost and wall clock, and the accuracy differences with their noise.", **fmt)
     c.add_argument('method', help='template of the method'); c.add_argument('baseline', help='template of the baseline')
     c.add_argument('-m', '--method-param', help='a parameter of the method template', **param)
     c.add_argument('-b', '--baseline-param', help='a parameter of the baseline template', **param)
     c.add_argument('--match', default='steps', help='steps or seconds')
+    c.add_argument('--seeds', default=None, help='repeat every run over these seeds, e.g. 0,1,2 (mean and spread)')
+    c.add_argument('--warmup-steps', type=int, default=20, help='steps of the warm-up run that measures the baseline step time (with --no-default)')
     c.add_argument('--method-key', default=None, help="model key in the method's metrics (default: its primary)")
     c.add_argument('--baseline-key', default=None, help="model key in the baseline's metrics (default: its primary)")
     c.add_argument('--no-default', action='store_true', help='do not also run the baseline at its own settings')
     c.add_argument('--out', default='runs/compare', help='comparison folder')
-    rep = sub.add_parser('report', help='print the results of a run, sweep or comparison folder', description='Print the results table of a run folder, a sweep folder or a comparison folder.')
+    c.add_argument('-q', '--quiet', **quiet)
+    rep = sub.add_parser('report', help='print the results of a run, sweep or comparison folder', epilog=_EXAMPLES['report'],
+                         description='Print the results table of a run folder, a sweep folder or a comparison folder.', **fmt)
     rep.add_argument('run_dir', help='a run, sweep or comparison folder')
-    sub.add_parser('templates', help='list the experiment templates and their parameters', description='List the experiment templates and their parameters.')
+    tp = sub.add_parser('templates', help='list the experiment templates and their parameters', epilog=_EXAMPLES['templates'],
+                        description='A table of the experiment templates, or the parameters of one with their defaults.', **fmt)
+    tp.add_argument('template', nargs='?', default=None, help='show this template\'s parameters')
     t = sub.add_parser('teachers', help='teacher zoo commands', description='Teacher zoo commands.')
     tt = t.add_subparsers(dest='sub', required=True).add_parser('train', help='train the teacher zoo (kdnb.teachers.train_teachers)', description='Train the teacher zoo; present and valid checkpoints are reused.')
     tt.add_argument('-p', '--param', help="a keyword argument of kdnb.teachers.train_teachers, e.g. -p names \"['resnet']\" -p force True", **param)
     k = sub.add_parser('cache', help='teacher-output cache commands', description='Teacher-output cache commands.')
     kb = k.add_subparsers(dest='sub', required=True).add_parser('build', help='build the teacher-output cache (kdnb.cache.build_cache)', description='Build (or resume building) the teacher-output cache.')
     kb.add_argument('-p', '--param', help='a keyword argument of kdnb.cache.build_cache, e.g. -p topk 5 -p rebuild True', **param)
-    d = sub.add_parser('demo', help='run the main experiment into runs/demo and print a results table', description='Run the main experiment into runs/demo and print a results table.')
+    for name, sp in (('teachers train', tt), ('cache build', kb)):
+        sp.epilog, sp.formatter_class = _EXAMPLES[name], argparse.RawDescriptionHelpFormatter
+    d = sub.add_parser('demo', help='run the main experiment into runs/demo and print a results table', epilog=_EXAMPLES['demo'],
+                       description='Run the main experiment into runs/demo and print a results table.', **fmt)
     d.add_argument('--device', default='auto')
     d.add_argument('--out', default='runs/demo')
     d.add_argument('-p', '--param', **param)
@@ -589,17 +1062,24 @@ def _print_result(res):
     elif hasattr(res, 'to_string'): print(res.to_string())
     else: print(json.dumps(res, indent=2, default=str) if isinstance(res, (dict, list)) else res)
 
+def _seeds(text):
+    if text is None: return None
+    v = _as_list('--seeds', text, [0])
+    expect(all(isinstance(s, int) and not isinstance(s, bool) for s in v), '--seeds', text, 'integers like 0,1,2')
+    return v
+
 def main(argv=None):
     "Entry point of the `kdnb` command."
     args = _parser().parse_args(argv)
     try:
         if args.cmd == 'run':
-            m = run(args.template, dict(args.param), args.out)
+            m = run(args.template, dict(args.param), args.out, stream=not args.quiet, hide_code=args.hide_code)
             print(results_table(m) if any(isinstance(v, dict) and 'test_acc' in v for v in m.values()) else json.dumps(m, indent=2))
         elif args.cmd == 'sweep':
             grid, fixed = read_grid(args.grid)
             out = args.out or Path('runs') / f"sweep-{Path(args.template).stem}-{Path(args.grid).stem}"
-            try: df = sweep(args.template, grid, out, fixed=fixed, resume=not args.no_resume, fail_fast=args.fail_fast)
+            try: df = sweep(args.template, grid, out, fixed=fixed, resume=not args.no_resume, fail_fast=args.fail_fast,
+                            stream=not args.quiet, hide_code=args.hide_code)
             except KdnbError: raise
             except Exception as e:
                 if not args.fail_fast: raise
@@ -608,13 +1088,13 @@ def main(argv=None):
             print(f"sweep folder: {out}\n" + report(out))
             if (df['status'] != 'done').any(): return 1
         elif args.cmd == 'compare':
-            cmp = compare_at_equal_compute(args.method, dict(args.method_param), args.baseline, dict(args.baseline_param),
-                                           args.out, match=args.match, method_key=args.method_key,
-                                           baseline_key=args.baseline_key, run_default=not args.no_default)
+            compare_at_equal_compute(args.method, dict(args.method_param), args.baseline, dict(args.baseline_param),
+                                     args.out, match=args.match, method_key=args.method_key, baseline_key=args.baseline_key,
+                                     run_default=not args.no_default, seeds=_seeds(args.seeds), warmup_steps=args.warmup_steps,
+                                     stream=not args.quiet)
             print(report(args.out))
         elif args.cmd == 'report': print(report(args.run_dir))
-        elif args.cmd == 'templates':
-            for t in list_templates(): print(t, template_parameters(t))
+        elif args.cmd == 'templates': print(templates_table(args.template))
         elif args.cmd == 'teachers':
             _print_result(_call_entry(['kdnb.teachers:train_teachers'], args.param, 'teachers train'))
         elif args.cmd == 'cache':

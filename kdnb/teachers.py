@@ -64,7 +64,7 @@ def accuracy(model: nn.Module, data: ImageData, split: str = 'val', batch_size: 
 def train_model(arch: str, data: ImageData, recipe: Recipe = Recipe(), seed: int = 0, progress: bool = True,
                 desc: str | None = None) -> tuple:
     "Train `arch` on `data`'s train split with `recipe`; returns `(TapModel in eval mode, info dict)`."
-    from tqdm.auto import tqdm
+    from kdnb.runs import tqdm          # text bars outside a live Jupyter frontend
     seed_everything(seed)
     model = create_model(arch, data.num_classes, data.channels, img_size=data.size)
     dl = TensorLoader(data, 'train', recipe.batch_size, seed=seed, drop_last=len(data.splits['train']) >= recipe.batch_size)
@@ -339,7 +339,7 @@ def _pixel_batches(data: ImageData, split: str, batch_size: int = 128, workers: 
 
 @torch.no_grad()
 def _embed(model: TapModel, data, split, device, batch_size, progress, desc):
-    from tqdm.auto import tqdm
+    from kdnb.runs import tqdm          # text bars outside a live Jupyter frontend
     fs, ys = [], []
     n = -(-len(data.splits[split]) // batch_size)
     for x, y in tqdm(_pixel_batches(data, split, batch_size), total=n, desc=desc, disable=not progress, leave=False):

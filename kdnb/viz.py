@@ -139,29 +139,30 @@ def sync_traces(fw: go.FigureWidget, new: go.Figure):
                 if k not in ('type', 'uid') and not _same(oj.get(k), v): old[k] = v
 
 class Explorer(W.VBox):
-    """Base of the explorers: a VBox that knows whether it has been shown. A `FigureWidget` changed before any view of it
-    exists can come up garbled in the browser (plotly's widget replays those edits on its stored data), so before the
-    first display `update_figure` swaps in a fresh figure instead of editing the old one."""
+    """Base of the explorers: a VBox whose figures are redrawn in full after every control change. `update_figure` puts a
+    fresh `FigureWidget` in place of the old one (closed): the browser draws the new figure from scratch. Editing a shown
+    widget in place (`sync_traces`) sends less, but plotly's widget can garble what it redraws that way: after a preset
+    change or a scrubbed step, the corollary table came up with blank row labels and rows until the page was reloaded."""
     _shown = False
 
     def _repr_mimebundle_(self, **kwargs):
         self._shown = True
         return super()._repr_mimebundle_(**kwargs)
 
-    def update_figure(self, attr: str, new: go.Figure, rebuild: bool = False) -> go.FigureWidget:
-        "Show `new` in the FigureWidget `self.<attr>`: edit it in place once shown, else (or with `rebuild`) replace it."
+    def update_figure(self, attr: str, new: go.Figure, rebuild: bool = True) -> go.FigureWidget:
+        "Show `new` as `self.<attr>`: a fresh FigureWidget in the old one's place (`rebuild=False`, once shown: edit in place)."
         old = getattr(self, attr, None)
         if old is not None and self._shown and not rebuild:
             sync_traces(old, new)
             with old.batch_update():
                 for a_old, a_new in zip(old.layout.annotations, new.layout.annotations): a_old.text = a_new.text
-                for ax in ('xaxis', 'yaxis', 'xaxis2', 'yaxis2'):
-                    if ax in new.layout and new.layout[ax].type is not None: old.layout[ax].type = new.layout[ax].type
                 old.layout.title = new.layout.title
             return old
         fw = go.FigureWidget(new)
         setattr(self, attr, fw)
-        if old is not None: self.children = tuple(fw if c is old else c for c in self.children)
+        if old is not None:
+            self.children = tuple(fw if c is old else c for c in self.children)
+            old.close()
         return fw
 
 def _arrow(v, name, color, width=3, dash=None, visible=True, legend=True):
@@ -232,7 +233,9 @@ def mgda_figure(grads, names=None, slots: int | None = None, title: str | None =
     r = max(float(np.abs(g).max()) if g.size else 1.0, 1e-9) * 1.15
     fig.update_xaxes(range=[-r, r], zeroline=True, row=1, col=1)
     fig.update_yaxes(range=[-r, r], zeroline=True, scaleanchor='x', scaleratio=1, row=1, col=1)
-    fig.update_yaxes(title_text='weight', row=1, col=2)
+    wmax = max(float(np.max(comb['methods'][m]['weights'])) for m in METHODS)
+    wmin = min(float(np.min(comb['methods'][m]['weights'])) for m in METHODS)
+    fig.update_yaxes(title_text='weight', range=[min(0.0, 1.3 * wmin), 1.3 * max(wmax, 1e-9)], row=1, col=2)   # labels clear of the title
     cos = comb['methods']['MGDA']['diag'].get('cos_12')
     fig.update_layout(height=height, margin=dict(l=40, r=20, t=60, b=30), barmode='group', legend=dict(orientation='h', y=-0.05),
                       title=title or (f"cos(g1,g2) = {cos:.3f}, |g*| = {comb['methods']['MGDA']['diag']['norm_d']:.3g}" if cos is not None else 'MGDA'))
@@ -270,7 +273,7 @@ def mgda_run_figure(run, selected: int | None = None, height: int = 520) -> go.F
     "cos(g1, g2), the combiner's weights, the gradient norms and |d| over a run's logged steps; `selected` marks one record."
     log = run if isinstance(run, dict) and 'cos_12' in run else mgda_log(run)
     s, names = log['step'], log['names']
-    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.06,
+    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.1,
                         subplot_titles=['cos(g1, g2): negative = conflict', "combiner's weights", 'gradient norms and |d|'])
     fig.add_trace(go.Scatter(x=s, y=log['cos_12'], name='cos(g1, g2)', line=dict(color='black')), 1, 1)
     for i, n in enumerate(names):
@@ -318,6 +321,7 @@ class MGDAExplorer(Explorer):
         self._hold, self.run_log, self.run_fig, self.step = False, None, None, None
         self.k = W.ToggleButtons(options=[2, 3], value=k, description='gradients')
         self.preset = W.Dropdown(options=['(sliders)'] + list(PRESETS), value='(sliders)', description='preset')
+        self.preset.add_class('kdnb-mgda-preset')
         self.angle = [W.FloatSlider(value=float(angles[i]), min=-180.0, max=360.0, step=1.0, description=f'angle g{i + 1} (°)',
                                     continuous_update=True) for i in range(3)]
         self.norm = [W.FloatSlider(value=float(norms[i]), min=0.0, max=max_norm, step=max_norm / 300, description=f'|g{i + 1}|',
@@ -399,15 +403,12 @@ class MGDAExplorer(Explorer):
                                  f"logged weights {html.escape(w)}{extra}</span>")
 
     def redraw(self):
-        "Recompute the geometry from the sliders and update the figure's data in place."
+        "Recompute the geometry from the sliders and redraw the figure in full."
         K = self.k.value
         for i in range(3):
             self.angle[i].layout.display = self.norm[i].layout.display = None if i < K else 'none'
         names = self._names()
-        new = mgda_figure(self.grads(), names, slots=3)
-        shape, self._shape = self._shape, (K, tuple(names))
-        fig = self.update_figure('fig', new, rebuild=shape != self._shape)     # other bar categories: a fresh figure
-        with fig.batch_update():
-            fig.layout.xaxis.range, fig.layout.yaxis.range = new.layout.xaxis.range, new.layout.yaxis.range
+        self._shape = (K, tuple(names))
+        self.update_figure('fig', mgda_figure(self.grads(), names, slots=3))     # drawn in full, table included
         self.comb = combine_2d(self.grads())
         self.summary.value = corollary_summary_html(self.comb)

@@ -97,7 +97,7 @@ def magnitudes_figure(feats: dict, norm: str = 'standardize', log_scale: bool = 
                          texttemplate='%{y:.0%}', textposition='outside'), 1, 3)
     fig.update_yaxes(title_text='L2 norm per row', type='log' if log_scale else 'linear', rangemode='tozero', row=1, col=1)
     fig.update_yaxes(type='log' if log_scale else 'linear', rangemode='tozero', row=1, col=2)
-    fig.update_yaxes(range=[0, 1.1], tickformat='.0%', row=1, col=3)
+    fig.update_yaxes(range=[0, 1.25], tickformat='.0%', row=1, col=3)            # bar labels clear of the title
     fig.update_layout(height=height, margin=dict(l=50, r=20, t=60, b=40), barmode='group', legend=dict(orientation='h', y=-0.12))
     return fig
 
@@ -131,7 +131,7 @@ def magnitude_run_figure(run, height: int = 560) -> go.Figure:
     "Each objective's share of the loss and of the gradient, and each teacher's feature magnitude, over a run."
     sh = run if isinstance(run, dict) and 'loss_share' in run else run_shares(run)
     names = sh['names']
-    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.07,
+    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.1,
                         subplot_titles=['share of the loss (weight x loss)', 'share of the gradient (combiner weight x |g|)',
                                         'feature magnitude (mean L2 norm): raw solid, normalized dashed'])
     for i, n in enumerate(names):

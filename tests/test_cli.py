@@ -80,8 +80,83 @@ def test_compare_and_report(toy, tmp_path, capsys):
 def test_templates(toy, monkeypatch, capsys):
     monkeypatch.setenv('KDNB_TEMPLATES', str(toy.parent))
     assert main(['templates']) == 0
-    out = capsys.readouterr().out
-    assert out.startswith('toy {') and "'budget_steps': None" in out
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ['template', 'what', '(parameters)'] and out[2].startswith('toy ') and 'Toy template' in out[2]
+    assert 'budget_steps' in out[3]
+    assert main(['templates', 'toy']) == 0
+    rows = {l.split()[0]: l for l in capsys.readouterr().out.splitlines()[4:]}
+    assert rows['step_s'].split()[1] == '0.002' and 'simulated seconds per optimizer step' in rows['step_s']
+    assert main(['templates', 'tyo']) == 2 and "Did you mean 'toy'" in capsys.readouterr().err
+
+
+def test_help_shows_examples(capsys):
+    for cmd, example in [(['run'], '-p recipes kd,camkd'), (['sweep'], 'points:'), (['compare'], '--match seconds'),
+                         ([], 'kdnb templates')]:
+        with pytest.raises(SystemExit): main(cmd + ['--help'])
+        out = capsys.readouterr().out
+        assert 'examples:' in out and example in out, cmd
+
+
+def test_run_and_sweep_stream_one_line_per_epoch(toy, tmp_path, capsys):
+    out = tmp_path / 'r'
+    assert main(['run', str(toy), '-p', 'epochs', '3', '-p', 'steps_per_epoch', '4', '-p', 'step_s', '0.05', '--out', str(out)]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if '  epoch ' in l]
+    assert [l.split('  ')[:3] for l in lines] == [['toy', f'epoch {e}', f'step {4 * e}'] for e in (1, 2, 3)]
+    assert all('loss ' in l and 'val_acc ' in l and l.endswith(' s') for l in lines)
+    got = [json.loads(l) for l in (out / 'toy' / 'epochs.jsonl').read_text().splitlines()]
+    assert [float(l.split('val_acc ')[1].split()[0]) for l in lines] == pytest.approx([g['val_acc'] for g in got], abs=1e-4)
+    assert main(['run', str(toy), '-p', 'epochs', '1', '--out', str(tmp_path / 'q'), '--quiet']) == 0
+    assert '  epoch ' not in capsys.readouterr().out
+    grid = tmp_path / 'g.yaml'; grid.write_text('seed: [3]\n')
+    assert main(['sweep', str(toy), str(grid), '--out', str(tmp_path / 's')]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if '  epoch ' in l]
+    assert [l.split(': ', 1)[0][:7] for l in lines] == ['seed=3-'] * 2                 # the point's name first
+    assert [l.split(': ', 1)[1].split('  ')[1:3] for l in lines] == [['epoch 1', 'step 25'], ['epoch 2', 'step 50']]
+
+
+@pytest.fixture
+def no_kernel(monkeypatch):
+    "papermill.execute_notebook replaced: a test fails if a kernel would start."
+    import papermill
+    started = []
+    def boom(*a, **k): started.append(a); raise AssertionError('a kernel was started')
+    monkeypatch.setattr(papermill, 'execute_notebook', boom)
+    return started
+
+
+@pytest.mark.parametrize('argv,arg,hint', [
+    (['run', 'multi_teacher', '-p', 'recipes', 'kd,mgdaub'], '`recipes`', "Did you mean 'mgda_ub'"),
+    (['run', 'multi_teacher', '-p', 'recipes', '[kd, camkd, kii]'], '`recipes`', "Did you mean 'ki'"),
+    (['run', 'multi_teacher', '-p', 'teachers', 'resnet_t,vit'], '`teachers`', "Did you mean 'vit_t'"),
+    (['run', 'multi_teacher', '-p', 'recipe', 'kd'], '`params`', "Did you mean 'recipes'"),
+    (['run', 'multi_teacher', '-p', 'epochs', 'ten'], '`epochs`', 'a number'),
+    (['run', 'multi_teacher', '-p', 'device', 'gpu'], '`device`', 'cuda'),
+    (['run', 'multi_teacher', '-p', 'primary', 'dkd', '-p', 'recipes', 'kd,ki'], '`primary`', 'recipes run'),
+    (['run', 'single_teacher', '-p', 'teacher', 'resnet'], '`teacher`', "Did you mean 'resnet_t'"),
+    (['run', 'multi_techer'], '`template`', "Did you mean 'multi_teacher'"),
+    (['compare', 'gradient_balancing', 'multi_teacher', '-m', 'recipes', 'dto'], '`recipes`', "Did you mean 'dto_kd'"),
+    (['compare', 'gradient_balancing', 'multi_teacher', '--seeds', '0,x'], '`--seeds`', 'integers'),
+])
+def test_parameters_rejected_before_a_kernel_starts(argv, arg, hint, no_kernel, tmp_path, capsys):
+    assert main(argv + ['--out', str(tmp_path / 'o')]) == 2
+    err = capsys.readouterr().err
+    assert arg in err and hint in err, err
+    assert not no_kernel and not (tmp_path / 'o').exists()
+
+
+def test_sweep_grid_values_rejected_before_a_kernel_starts(no_kernel, tmp_path, capsys):
+    grid = tmp_path / 'g.yaml'; grid.write_text('recipes: [[kd], [kd, cmkd]]\n')
+    assert main(['sweep', 'multi_teacher', str(grid), '--out', str(tmp_path / 's')]) == 2
+    err = capsys.readouterr().err
+    assert '`recipes`' in err and "Did you mean 'camkd'" in err and not no_kernel and not (tmp_path / 's').exists()
+
+
+def test_list_parameter_forms(toy, tmp_path):
+    from kdnb.runs import check_params
+    for form in ('kd,dkd', 'kd, dkd', '[kd, dkd]', "['kd', 'dkd']", '["kd", "dkd"]'):
+        assert check_params('single_teacher', {'recipes': form})['recipes'] == ['kd', 'dkd'], form
+    assert check_params('single_teacher', {'recipes': 'taid'})['recipes'] == ['taid']
+    assert check_params('multi_teacher', {'teachers': 'vit_t'})['teachers'] == ['vit_t']
 
 
 def test_bad_input_exit_2(toy, tmp_path, capsys):

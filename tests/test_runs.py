@@ -89,7 +89,8 @@ def test_compare_at_equal_steps(toy, tmp_path):
     cmp = compare_at_equal_compute(toy, method, toy, base, tmp_path / 'cmp', match='steps')
     assert cmp['method']['compute']['steps'] == 40 and cmp['baseline_default']['compute']['steps'] == 25
     assert cmp['baseline_equal']['compute']['steps'] == 40                        # the budget bound, not its epochs
-    assert cmp['baseline_equal']['params']['epochs'] == 1000 and cmp['budget'] == {'budget_steps': 40}
+    assert cmp['baseline_equal']['params']['epochs'] == 2 and cmp['budget']['budget_steps'] == 40   # planned: 2 epochs of 25 hold 40
+    assert cmp['baseline_equal']['schedule'] == dict(name='toy', planned_steps=40, steps=40, steps_per_epoch=25, complete=True)
     saved = json.loads((tmp_path / 'cmp' / 'baseline_equal_steps' / 'params.json').read_text())
     assert saved['budget_steps'] == 40 and saved['budget_seconds'] is None
     assert cmp['budget_ratio'] == 1.0
@@ -108,13 +109,35 @@ def test_compare_at_equal_steps(toy, tmp_path):
     assert len(_lines(log)) == 3
 
 
+def _plotly_array(v):
+    "A trace's x/y from a figure's JSON: a list, or plotly's typed array {dtype, bdata (base64)}."
+    import base64, numpy as np
+    if isinstance(v, dict) and 'bdata' in v: return np.frombuffer(base64.b64decode(v['bdata']), dtype=np.dtype(v['dtype'])).tolist()
+    return list(v) if v is not None else []
+
+
+def html_figures(html: str) -> list:
+    "The trace lists of the plotly figures in an exported HTML page (the `Plotly.newPlot(id, data, layout)` calls)."
+    import re
+    return [json.loads(m) for m in re.findall(r'Plotly\.newPlot\(\s*"[^"]+",\s*(\[.*?\]),\s*\{', html, flags=re.S)]
+
+
 def test_results_template(failing_sweep, tmp_path):
-    "The results template through papermill on a sweep folder."
+    "The results template through papermill on a sweep folder; its HTML (code hidden) holds the figures with their data."
     out, df = failing_sweep
-    m = run('results', {'sweep_dir': str(out), 'x': 'fail', 'y': 'kd.test_acc'}, tmp_path / 'res', progress=False)
+    m = run('results', {'sweep_dir': str(out), 'x': 'fail', 'y': 'kd.test_acc'}, tmp_path / 'res', progress=False, hide_code=True)
     assert m['points'] == 2 and m['done'] == 1 and m['best']['point'] == df.point[1]
     assert (tmp_path / 'res' / 'plot.html').exists() and (tmp_path / 'res' / 'results.html').exists()
     assert len(pd.read_csv(tmp_path / 'res' / 'table.csv')) == 1
+    html = (tmp_path / 'res' / 'results.html').read_text()
+    figs = html_figures(html)
+    assert len(figs) == 2, 'the plot and the per-model bars'
+    acc = df['kd.test_acc'].dropna().tolist()
+    assert _plotly_array(figs[0][0]['y']) == pytest.approx(acc) and _plotly_array(figs[1][0]['y']) == pytest.approx(acc)
+    assert 'hl-ipython3"' not in html and 'load_results' not in html        # no code cells
+    from kdnb.runs import export_html
+    full = export_html(tmp_path / 'res' / 'results.ipynb', tmp_path / 'full.html').read_text()
+    assert 'hl-ipython3"' in full and 'load_results' in full
 
 
 def test_plot_results_means_over_repeats():
@@ -189,3 +212,40 @@ def test_read_grid_forms(tmp_path):
         f.write_text(bad)
         with pytest.raises(KdnbError, match='`grid_file`'): read_grid(f)
     with pytest.raises(KdnbError, match='`grid_file`'): read_grid(tmp_path / 'missing.yaml')
+
+
+def test_compare_at_equal_seconds_plans_the_baseline(toy, tmp_path):
+    "Seconds become steps from a warm-up run's measured step time; the baseline is never stopped by the clock."
+    method = dict(overhead=2.0, rate=0.06, step_s=0.01, epochs=1, steps_per_epoch=30, key='m')
+    base = dict(rate=0.04, step_s=0.01, epochs=1, steps_per_epoch=25, key='b')
+    cmp = compare_at_equal_compute(toy, method, toy, base, tmp_path / 'cmp', match='seconds', run_default=False, warmup_steps=10)
+    warm = json.loads((tmp_path / 'cmp' / 'baseline_warmup' / 'params.json').read_text())
+    assert warm['budget_steps'] == 10 and warm['budget_seconds'] is None
+    eq = cmp['baseline_equal']
+    assert eq['params']['budget_seconds'] is None and eq['params']['budget_steps'] == cmp['budget']['budget_steps']
+    step_s = cmp['budget']['baseline_step_s_measured']
+    assert cmp['budget']['budget_steps'] == round(cmp['budget']['budget_seconds'] / step_s)
+    assert eq['schedule']['complete'] and eq['compute']['steps'] == eq['schedule']['planned_steps'] > 40   # ~2x the method's 30
+    assert cmp['baseline_schedule_complete'] is True and 0.5 < cmp['timing']['wall_ratio'] < 1.5
+    assert cmp['baseline_default'] is None and 'default' not in cmp['deltas']
+    assert any('baseline schedule: completed' in v for v in cmp['verdict'])
+
+
+def test_compare_over_seeds_reports_mean_spread_and_noise(toy, tmp_path):
+    method = dict(overhead=1.5, rate=0.06, epochs=1, key='m')
+    base = dict(rate=0.04, epochs=1, key='b')
+    cmp = compare_at_equal_compute(toy, method, toy, base, tmp_path / 'cmp', match='steps', seeds=[3, 4])
+    assert sorted(p.name for p in (tmp_path / 'cmp').iterdir() if p.is_dir()) == [
+        'baseline_default-seed3', 'baseline_default-seed4', 'method-seed3', 'method-seed4']   # same plan: own runs reused
+    assert [e['seed'] for e in cmp['runs']['method']] == [3, 4] and cmp['budget']['own_settings_match']
+    st = cmp['stats']['method']
+    assert st['n'] == 2 and st['std'] == 0 and st['test_size'] == 1000
+    assert st['se'] == pytest.approx((st['mean'] * (1 - st['mean']) / 1000) ** 0.5)
+    d = cmp['deltas']['equal']
+    assert d['delta'] == pytest.approx(cmp['stats']['method']['mean'] - cmp['stats']['baseline_equal']['mean'])
+    assert d['within_noise'] is False and 'beyond the noise' in d['text']
+    frame = __import__('kdnb.runs', fromlist=['comparison_frame']).comparison_frame(cmp)
+    assert frame.loc['method', 'seeds'] == 2 and frame.loc['baseline_equal', 'schedule_done']
+    with pytest.raises(KdnbError, match='`seeds`'): compare_at_equal_compute(toy, method, toy, base, tmp_path / 'c2', seeds=[1, 1])
+    with pytest.raises(KdnbError, match='`seeds`'): compare_at_equal_compute(toy, method, toy, base, tmp_path / 'c2', seeds='0')
+    with pytest.raises(KdnbError, match='`warmup_steps`'): compare_at_equal_compute(toy, method, toy, base, tmp_path / 'c2', warmup_steps=0)

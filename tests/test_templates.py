@@ -1,6 +1,7 @@
 "Smoke papermill runs of the training templates (IN_TEST sizes, a few steps) and their parameter checks."
 import json
 import pytest
+from report_checks import check_figures
 from kdnb.core import KdnbError
 from kdnb.runs import run
 
@@ -22,6 +23,10 @@ def test_template_smoke(template, tmp_path, monkeypatch):
     teachers = [k for k in m if k.startswith('teacher:')]
     assert teachers and all(m[k]['test_acc'] > 0.9 for k in teachers)       # the committed zoo checkpoints
     assert (tmp_path / template / f'{template}.html').exists()
+    figs = check_figures(tmp_path / template / f'{template}.ipynb', tmp_path / template / f'{template}.html')
+    if template == 'multi_teacher':            # the magnitude panel shows the teachers, measured, beside the students
+        names = [n for f in figs for t in f['data'] if t.get('name') == 'magnitude' for n in t['x']]
+        assert {'teacher resnet_t', 'teacher vit_t'} <= set(names) and any(n.startswith('student (') for n in names), names
     if template == 'gradient_balancing':
         assert m['mgda_ub']['backward_per_step'] == 1 and 'corollary1_share' in m['dto_kd']
 

@@ -10,7 +10,7 @@ from kdnb.data import load_data
 from kdnb.models import create_model
 from kdnb.distill import Distiller, kd_objectives
 from kdnb.mgda import make_combiner, min_norm_solution, dto_kd_weights
-from kdnb.viz import (MGDAExplorer, PRESETS, METHODS, mgda_figure, mgda_run_figure, mgda_log, gradients_2d, read_log,
+from kdnb.viz import (MGDAExplorer, corollary_rows, PRESETS, METHODS, mgda_figure, mgda_run_figure, mgda_log, gradients_2d, read_log,
                       trace_by_name)
 from kdnb.viz_tokens import TokenExplorer, InstructedViT, token_alignment_figure, TokenAlignment
 from kdnb.viz_magnitudes import MagnitudeExplorer, magnitudes_figure, magnitude_run_figure, run_shares, NORM_NAMES
@@ -308,17 +308,18 @@ def test_magnitude_bad_input(runs, data, tmp_path):
     with pytest.raises(KdnbError, match='`norm`'): MagnitudeExplorer(norm='whiten')
 
 
-def test_figures_edit_in_place_once_shown():
-    "Before the first display a redraw swaps in a fresh FigureWidget; once shown, the same widget is edited in place."
+def test_every_change_redraws_in_full():
+    "Shown or not, every control change puts a fresh FigureWidget (table included) in the old one's place and closes it."
     ex = MGDAExplorer()
-    f0 = ex.fig
-    ex.angle[1].value = 120.0
-    assert ex.fig is not f0 and ex.fig in ex.children
     ex._repr_mimebundle_()
-    f1 = ex.fig
-    ex.angle[1].value = 140.0
-    assert ex.fig is f1
-    np.testing.assert_allclose(end(trace_by_name(ex.fig, 'g2')), gradients_2d([140.0], [2.0])[0], atol=1e-12)
-    assert trace_by_name(ex.fig, 'weights MGDA').x == ('g1', 'g2')   # untouched properties are not resent
-    ex.k.value = 3                                                   # other bar categories: a fresh figure even when shown
-    assert ex.fig is not f1 and len(trace_by_name(ex.fig, 'weights MGDA').x) == 3
+    seen = [ex.fig]
+    for change in (lambda: setattr(ex.angle[1], 'value', 140.0), lambda: setattr(ex.preset, 'value', 'antiparallel (180°)'),
+                   lambda: setattr(ex.k, 'value', 3)):
+        change()
+        assert ex.fig not in seen and ex.fig in ex.children and all(f not in ex.children for f in seen)
+        assert seen[-1].comm is None                                     # the old widget is closed
+        seen.append(ex.fig)
+    table = trace_by_name(ex.fig, 'corollaries')
+    assert list(table.cells.values[0]) == corollary_rows(ex.comb)[0] and len(table.cells.values) == 4
+    np.testing.assert_allclose(end(trace_by_name(ex.fig, 'g2')), gradients_2d([180.0], [1.5])[0], atol=1e-12)
+    assert len(trace_by_name(ex.fig, 'weights MGDA').x) == 3
