@@ -12,6 +12,8 @@ help:
 	@echo "make demo [DEVICE=cuda]  - run the main experiment into runs/demo/"
 	@echo "make test                - the full test suite (what CI runs)"
 	@echo "make bench [DEVICE=cuda] - benchmarks (cache, MGDA, harness overhead, peer) printing measured ratios"
+	@echo "make docs / docs-serve   - build the docs site into docs/_build/html / serve it on http://127.0.0.1:8000/"
+	@echo "make lab                - JupyterLab in the project venv (live explorers)"
 	@echo "make export / clean-nbs  - nbdev_export / nbdev_clean"
 
 setup:
@@ -47,3 +49,13 @@ bench-harness: setup  ## kdnb's Distiller vs a minimal hand-written loop, same K
 
 # every benchmark, each printing its ratios measured side by side in one run
 bench: bench-cache bench-mgda bench-harness bench-peer
+
+.PHONY: docs docs-serve lab
+docs: setup  ## the docs site (every notebook executed at test sizes, cached) into docs/_build/html
+	$(PY) docs/build.py
+
+docs-serve: docs  ## serve the built site on http://127.0.0.1:8000/
+	$(PY) -m http.server 8000 --bind 127.0.0.1 --directory docs/_build/html
+
+lab: setup  ## JupyterLab in the project venv (the live explorers: nbs/tutorials/explorers.ipynb)
+	$(VENV)/bin/jupyter lab nbs
