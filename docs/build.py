@@ -119,7 +119,7 @@ def api_pages() -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ the site
-def index_page(secs, pages) -> str:
+def index_page(secs, pages, with_index=True) -> str:
     out = ['# kdnb', '',
            '> A Jupyter-first research kit for knowledge distillation, above all **multi-teacher** KD.', '',
            'Every chapter, experiment template and tutorial below was executed at test sizes when this site was built, '
@@ -127,7 +127,7 @@ def index_page(secs, pages) -> str:
            'static snapshots; for the live widgets run `make lab` and the notebook\'s cells. The search box works offline.', '']
     def toc(caption, docs):
         return ['```{toctree}', f':caption: {caption}', ':maxdepth: 1', '', *docs, '```', '']
-    start = ['nbs/index'] if (NBS / 'index.ipynb').exists() else []
+    start = ['nbs/index'] if with_index and (NBS / 'index.ipynb').exists() else []
     out += toc('Start here', start + [f'pages/{p}' for p in pages])
     for cap, docs in secs: out += toc(cap, docs)
     out += toc('Reference', ['api/index'])
@@ -146,7 +146,7 @@ def assemble(src: Path, only=None):
     secs = sections(only)
     pages = sorted(p.stem for p in (DOCS / 'pages').glob('*.ipynb') if only is None or f'pages/{p.stem}' in only)
     for rel, text in api_pages().items(): _write(src / rel, text)
-    _write(src / 'index.md', index_page(secs, pages))
+    _write(src / 'index.md', index_page(secs, pages, only is None or 'nbs/index' in only))
     static = BUILD / 'static'; static.mkdir(parents=True, exist_ok=True)
     import plotly
     js = Path(plotly.__file__).parent / 'package_data' / 'plotly.min.js'

@@ -35,7 +35,7 @@ html_copy_source = False
 myst_enable_extensions = ['colon_fence', 'dollarmath', 'deflist']
 myst_heading_anchors = 4
 nb_execution_mode = 'cache'
-nb_execution_cache_path = str(DOCS / '_build' / 'jupyter_cache')
+nb_execution_cache_path = os.environ.get('KDNB_DOCS_CACHE') or str(DOCS / '_build' / 'jupyter_cache')
 nb_execution_timeout = 900
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True
@@ -94,7 +94,8 @@ def nbdev_to_mystnb(nb, name: str = ''):
 
 
 # papermill templates run with their defaults (test sizes under IN_TEST), their outputs written into the build folder
-TEMPLATE_PARAMS = {'results': {'sweep_dir': 'sweep-distill'}}   # the sweep docs/build.py runs before Sphinx
+# the results template reads the sweep docs/build.py runs before Sphinx (the distill template over two temperatures)
+TEMPLATE_PARAMS = {'results': {'sweep_dir': "os.path.join(_runs, 'sweep-distill')", 'y': "'student_kd.test_acc'"}}
 
 
 def _injected(name: str, params_src: str):
@@ -104,7 +105,7 @@ def _injected(name: str, params_src: str):
              "_runs = os.environ.get('KDNB_DOCS_RUNS', 'runs')"]
     if 'out_dir' in defined: lines.append(f"out_dir = os.path.join(_runs, {name!r})")
     for k, v in TEMPLATE_PARAMS.get(name, {}).items():
-        if k in defined: lines.append(f"{k} = os.path.join(_runs, {v!r})")
+        if k in defined: lines.append(f"{k} = {v}")
     return nbformat.v4.new_code_cell('\n'.join(lines), metadata={'tags': ['injected-parameters']})
 
 
