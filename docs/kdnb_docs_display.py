@@ -68,6 +68,11 @@ def install():
         def to_mimebundle(self, fig_dict): return {'text/html': figure_html(fig_dict)}
 
     pio.renderers['kdnb_docs'] = DocsRenderer()
+    # a notebook that picks its own renderers (the templates choose 'plotly_mimetype+notebook' for JupyterLab and their
+    # HTML export) gets the page's renderer under those names too: one HTML output, no require.js, no inline plotly.js
+    for name in list(pio.renderers):
+        if name in ('plotly_mimetype', 'jupyterlab', 'nteract', 'vscode') or name.startswith(('notebook', 'colab', 'kaggle', 'azure', 'iframe')):
+            pio.renderers[name] = DocsRenderer()
     pio.renderers.default = 'kdnb_docs'
     ip = get_ipython()
     if ip is not None: ip.display_formatter.mimebundle_formatter.for_type(W.Widget, _widget_bundle)
