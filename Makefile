@@ -13,6 +13,8 @@ help:
 	@echo "make test                - the full test suite (what CI runs)"
 	@echo "make bench [DEVICE=cuda] - benchmarks (cache, MGDA, harness overhead, peer) printing measured ratios"
 	@echo "make bench-data          - streamed data and cache at scale (loader vs decode limit, memory, K teachers)"
+	@echo "make docs / docs-serve   - build the docs site into docs/_build/html / serve it on http://127.0.0.1:8000/"
+	@echo "make lab                - JupyterLab in the project venv (live explorers)"
 	@echo "make export / clean-nbs  - nbdev_export / nbdev_clean"
 
 setup:
@@ -52,3 +54,13 @@ bench: bench-cache bench-mgda bench-harness bench-peer bench-data
 .PHONY: bench-data
 bench-data: setup  ## streamed loader vs decode limit, memory vs dataset size, cached K-teacher epochs, cache build vs forward
 	$(PY) bench/data_bench.py --device $(DEVICE)
+
+.PHONY: docs docs-serve lab
+docs: setup  ## the docs site (every notebook executed at test sizes, cached) into docs/_build/html
+	$(PY) docs/build.py
+
+docs-serve: docs  ## serve the built site on http://127.0.0.1:8000/
+	$(PY) -m http.server 8000 --bind 127.0.0.1 --directory docs/_build/html
+
+lab: setup  ## JupyterLab in the project venv (the live explorers: nbs/tutorials/explorers.ipynb)
+	$(PY) -m jupyterlab nbs
