@@ -29,6 +29,7 @@ html_js_files = ['plotly.min.js']                 # copied from the plotly packa
 html_css_files = ['kdnb.css']
 html_theme_options = {'show_toc_level': 2, 'use_download_button': False, 'use_fullscreen_button': False,
                       'home_page_in_toc': True, 'show_navbar_depth': 1}
+html_context = {'default_mode': 'light'}           # the theme logs a console error when no mode is set
 html_last_updated_fmt = None
 html_copy_source = False
 

@@ -169,6 +169,7 @@ def _check_values(params: dict, defaults: dict):
         for k in named:
             if not all(v in known[k] for v in as_list(defaults.get(k)) if v is not None): continue
             for v in as_list(params[k]):
+                if k in ('teachers', 'teacher') and not (isinstance(v, str) and v.isidentifier()): continue   # a teacher spec (timm name@weights, dict)
                 expect(v in known[k], k, params[k], f"{'names' if isinstance(params[k], list) else 'one'} from {known[k]}",
                        hint=did_you_mean(v, known[k]))
     if params.get('primary') is not None and isinstance(defaults.get('recipes'), list):
