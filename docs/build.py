@@ -99,7 +99,7 @@ def api_pages() -> dict:
                 if isinstance(obj, dict): r = f"{len(obj)} entries: " + ', '.join(map(str, obj))
                 else: r = re.sub(r' at 0x[0-9a-f]+', '', repr(obj)); r = r if len(r) < 300 else r[:300] + ' ...'
                 lines += [f'## {top}', '', '```text', f'{top}: {type(obj).__name__} = {r}', '```']
-            if nb: lines += ['', f'Defined in the notebook [{nb}](../nbs/{nb}.ipynb).']
+            if nb: lines += ['', f'Defined in the notebook {{doc}}`{nb} </nbs/{nb}>`.']
             for meth in (n for n in public if n.startswith(top + '.')):
                 m = inspect.getattr_static(obj, meth.split('.', 1)[1], None)
                 m = getattr(obj, meth.split('.', 1)[1], None) if m is None or isinstance(m, (staticmethod, classmethod)) else m
