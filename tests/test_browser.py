@@ -7,26 +7,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-CHROMIUM = shutil.which('chromium') or '/usr/bin/chromium'
-FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
-         '--disable-component-update', '--disable-sync']
 ART = ROOT / 'test-artifacts' / 'browser'
 
 
-def _missing() -> str:
-    if not os.path.exists(CHROMIUM):
-        return ("Debian chromium is not installed and could not be installed (tools/test.sh runs "
-                "`apt-get install chromium`; install it and rerun)")
-    try: import playwright.sync_api  # noqa: F401
-    except ImportError: return 'the playwright python package is missing (it is in tools/requirements.txt; run tools/setup_env.sh)'
-    return ''
+from browser_util import CHROMIUM, FLAGS, free_port as _free_port, missing as _missing
 
 pytestmark = pytest.mark.skipif(bool(_missing()), reason=_missing() or 'ok')
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
 
 
 def _wait_ready(port, token, proc, timeout=90):
